@@ -1,0 +1,3 @@
+from trichat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,413 @@
+"""Routing decisions: who is online where, and what each request makes happen.
+
+Owns: the global view of who is online (on this server now; the mesh adds other servers'
+sessions to the same table), the accounts' names and last-seen times, message ids, and the
+rules of protocol.md "Semantics". Must never: do I/O, await, or read a clock: every call
+gets ``now`` (milliseconds since the epoch) and returns a list of effects, which the shell
+carries out in order. Storing is an effect too; the shell reports back with
+:meth:`Hub.message_stored`, :meth:`Hub.receipt_stored` and :meth:`Hub.backlog_loaded`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import attrs
+
+from trichat import errors, messages
+from trichat.codec import RequestId
+from trichat.errors import ProtocolError
+from trichat.messages import Event, Request
+from trichat.names import describe_name_rule, is_valid_name, name_key
+
+BROADCAST_TO = "*"
+
+# --- effects --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Reply:
+    """Send ``event`` to one connection, echoing ``req_id``."""
+
+    conn: int
+    event: Event
+    req_id: RequestId = None
+
+
+@attrs.frozen
+class Deliver:
+    """Send one event to many connections; the shell encodes it once per mode."""
+
+    conns: list[int]
+    event: Event
+
+
+@attrs.frozen
+class StoredMessage:
+    """A private message as it is written to disk."""
+
+    msg: str
+    sender: str
+    to: str
+    text: str
+    ts: int
+    req_id: RequestId = None
+
+    def as_event(self) -> messages.Message:
+        return messages.Message(self.msg, self.sender, self.to, self.text, self.ts)
+
+
+@attrs.frozen
+class StoreMessage:
+    """Write ``message`` durably, then call :meth:`Hub.message_stored`."""
+
+    message: StoredMessage
+    seq: int
+    conn: int
+    req_id: RequestId
+
+
+@attrs.frozen
+class StoreReceipt:
+    """Record that ``by`` received or read ``msg``, then call :meth:`Hub.receipt_stored`."""
+
+    msg: str
+    by: str
+    status: str
+    ts: int
+
+
+@attrs.frozen
+class FetchBacklog:
+    """Load ``user``'s unacknowledged messages, then call :meth:`Hub.backlog_loaded`."""
+
+    conn: int
+    user: str
+
+
+@attrs.frozen
+class SaveLastSeen:
+    user: str
+    ts: int
+
+
+@attrs.frozen
+class Close:
+    """Send ``bye`` to the connection and close it."""
+
+    conn: int
+    bye: messages.Bye
+
+
+Effect = Reply | Deliver | StoreMessage | StoreReceipt | FetchBacklog | SaveLastSeen | Close
+
+# --- state ----------------------------------------------------------------------------
+
+
+@attrs.define
+class ConnEntry:
+    user: str
+    key: str
+    account: bool
+    auto_ack: bool  # text mode: a line shown to a person counts as received
+    backlog_pending: bool = False
+
+
+@attrs.define
+class OnlineUser:
+    name: str
+    account: bool
+    conns: set[int] = attrs.Factory(set)
+
+
+@attrs.define
+class Seen:
+    name: str
+    account: bool
+    last_seen: int | None
+
+
+class Hub:
+    """The routing core of one server.
+
+    Args:
+        server: this server's name.
+        accounts: registered names and their last-seen times, as loaded from storage.
+        next_seq: the first unused message sequence number.
+        incarnation: the database's id, part of every message id.
+        max_text_chars: the text limit.
+        users_page_size: users per ``welcome``/``users`` page.
+        remembered_guests: gone guests kept for ``status`` and ``offline``.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        accounts: Iterable[tuple[str, int | None]] = (),
+        next_seq: int = 1,
+        incarnation: str = "0",
+        max_text_chars: int = 4096,
+        users_page_size: int = 500,
+        remembered_guests: int = 10000,
+    ) -> None:
+        self.server = server
+        self._seq = next_seq
+        self._msg_prefix = f"{server}:{incarnation}:"
+        self._max_text = max_text_chars
+        self._page = users_page_size
+        self._remembered_guests = remembered_guests
+        self.conns: dict[int, ConnEntry] = {}
+        self.online: dict[str, OnlineUser] = {}
+        self._accounts: dict[str, Seen] = {name_key(n): Seen(n, True, seen) for n, seen in accounts}
+        self._gone_guests: OrderedDict[str, Seen] = OrderedDict()
+
+    # --- login and logout ---------------------------------------------------------
+
+    def is_account(self, name: str) -> bool:
+        return name_key(name) in self._accounts
+
+    def check_login(self, name: str, password: str | None) -> bool:
+        """Check a login before any password work; True when it is for an account.
+
+        Raises:
+            ProtocolError: ``bad_name``, ``name_taken`` (a guest name in use) or
+                ``auth_failed`` (an account without password, a password for no account).
+        """
+        check_name(name)
+        account = self.is_account(name)
+        if account and password is None:
+            raise ProtocolError(errors.AUTH_FAILED, f"{name} is registered: give its password")
+        if not account and password is not None:
+            raise ProtocolError(
+                errors.AUTH_FAILED,
+                f"there is no account {name}: register it, or log in without a password",
+            )
+        if not account and name_key(name) in self.online:
+            raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use; pick another name")
+        return account
+
+    def check_register(self, name: str) -> None:
+        """Raises ``bad_name`` or ``name_taken`` before the password is hashed."""
+        check_name(name)
+        if self.is_account(name) or name_key(name) in self.online:
+            raise ProtocolError(errors.NAME_TAKEN, f"{name} is taken; pick another name")
+
+    def add_account(self, name: str) -> None:
+        """A new account was stored."""
+        self._accounts[name_key(name)] = Seen(name, True, None)
+        self._gone_guests.pop(name_key(name), None)
+
+    def login(
+        self, conn: int, name: str, *, auto_ack: bool, now: int, req_id: RequestId
+    ) -> list[Effect]:
+        """Log ``conn`` in as ``name`` (password already checked by the shell).
+
+        Raises:
+            ProtocolError: ``name_taken`` if a guest took the name meanwhile.
+        """
+        key = name_key(name)
+        account = key in self._accounts
+        if account:
+            name = self._accounts[key].name
+        user = self.online.get(key)
+        if user is not None and not account:
+            raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use; pick another name")
+        entry = ConnEntry(name, key, account, auto_ack, backlog_pending=account)
+        self.conns[conn] = entry
+        first = user is None
+        if user is None:
+            user = self.online[key] = OnlineUser(name, account)
+            self._gone_guests.pop(key, None)
+        user.conns.add(conn)
+        users, more = self._users_page(None)
+        effects: list[Effect] = [
+            Reply(conn, messages.Welcome(name, self.server, users, more), req_id)
+        ]
+        if first:
+            effects.append(Deliver(self._all_conns(exclude=conn), self._presence(key)))
+        if account:
+            effects.append(FetchBacklog(conn, name))
+        return effects
+
+    def disconnect(self, conn: int, now: int) -> list[Effect]:
+        """``conn`` is gone (logout, error, shutdown); a no-op if it never logged in."""
+        entry = self.conns.pop(conn, None)
+        if entry is None:
+            return []
+        user = self.online[entry.key]
+        user.conns.discard(conn)
+        if user.conns:
+            return []
+        del self.online[entry.key]
+        effects: list[Effect] = []
+        if entry.account:
+            self._accounts[entry.key].last_seen = now
+            effects.append(SaveLastSeen(entry.user, now))
+        else:
+            self._remember_guest(entry.user, now)
+        offline = messages.Presence(entry.user, False, last_seen=now)
+        effects.append(Deliver(self._all_conns(), offline))
+        return effects
+
+    def _remember_guest(self, name: str, now: int) -> None:
+        self._gone_guests[name_key(name)] = Seen(name, False, now)
+        self._gone_guests.move_to_end(name_key(name))
+        while len(self._gone_guests) > self._remembered_guests:
+            self._gone_guests.popitem(last=False)
+
+    # --- requests -----------------------------------------------------------------
+
+    def handle(self, conn: int, request: Request, req_id: RequestId, now: int) -> list[Effect]:
+        """Serve a logged-in connection's request (login and register excepted).
+
+        Raises:
+            ProtocolError: the request can't be served; nothing changed.
+        """
+        entry = self.conns[conn]
+        match request:
+            case messages.SendRequest(to=to, text=text):
+                return self._send(conn, entry, to, text, req_id, now)
+            case messages.BroadcastRequest(text=text):
+                return self._broadcast(conn, entry, text, req_id, now)
+            case messages.ReceivedRequest(msg=msg):
+                return [StoreReceipt(msg, entry.user, "delivered", now)]
+            case messages.ReadRequest(msg=msg):
+                return [StoreReceipt(msg, entry.user, "read", now)]
+            case messages.TypingRequest(to=to):
+                target = self.online.get(name_key(to))
+                if target is None:
+                    return []  # typing notices are best effort: nobody to tell
+                return [Deliver(sorted(target.conns), messages.Typing(entry.user))]
+            case messages.UsersRequest(after=after):
+                users, more = self._users_page(after)
+                return [Reply(conn, messages.Users(users, more), req_id)]
+            case messages.StatusRequest(user=user):
+                return [Reply(conn, self._status(user), req_id)]
+            case messages.LogoutRequest():
+                return [Close(conn, messages.Bye("logout", "logged out; goodbye"))]
+        raise ProtocolError(errors.UNKNOWN_TYPE, f"{request.TYPE} is not served here")
+
+    def _check_text(self, text: str) -> None:
+        if len(text) > self._max_text:
+            raise ProtocolError(
+                errors.TEXT_TOO_LONG, f"a text may be at most {self._max_text} characters"
+            )
+
+    def _next_msg_id(self) -> tuple[int, str]:
+        seq = self._seq
+        self._seq += 1
+        return seq, f"{self._msg_prefix}{seq}"
+
+    def _send(
+        self, conn: int, entry: ConnEntry, to: str, text: str, req_id: RequestId, now: int
+    ) -> list[Effect]:
+        self._check_text(text)
+        key = name_key(to) if is_valid_name(to) else None
+        target = self.online.get(key) if key else None
+        if target is not None:
+            to = target.name
+        elif key in self._accounts:
+            to = self._accounts[key].name  # stored until they log in
+        elif key in self._gone_guests:
+            raise ProtocolError(errors.OFFLINE, f"{to} is a guest who is not online now")
+        else:
+            raise ProtocolError(errors.NO_SUCH_USER, f"there is no user {to[:40]}")
+        seq, msg = self._next_msg_id()
+        stored = StoredMessage(msg, entry.user, to, text, now, req_id)
+        return [StoreMessage(stored, seq, conn, req_id)]
+
+    def _broadcast(
+        self, conn: int, entry: ConnEntry, text: str, req_id: RequestId, now: int
+    ) -> list[Effect]:
+        self._check_text(text)
+        _, msg = self._next_msg_id()
+        event = messages.Message(msg, entry.user, BROADCAST_TO, text, now)
+        return [
+            Reply(conn, messages.Sent(msg, now), req_id),
+            Deliver(self._all_conns(exclude=conn), event),
+        ]
+
+    # --- storage reports ----------------------------------------------------------
+
+    def message_stored(
+        self, stored: StoredMessage, conn: int, req_id: RequestId, *, duplicate: bool
+    ) -> list[Effect]:
+        """``stored`` is on disk; ``duplicate`` means it was a resend of that message."""
+        effects: list[Effect] = []
+        if conn in self.conns:
+            effects.append(Reply(conn, messages.Sent(stored.msg, stored.ts), req_id))
+        if duplicate:
+            return effects
+        target = self.online.get(name_key(stored.to))
+        if target is None:
+            return effects
+        ready = [c for c in sorted(target.conns) if not self.conns[c].backlog_pending]
+        return effects + self._deliver_private(ready, [stored])
+
+    def _deliver_private(self, conns: list[int], batch: list[StoredMessage]) -> list[Effect]:
+        effects: list[Effect] = []
+        auto_ack = any(self.conns[c].auto_ack for c in conns)
+        for stored in batch:
+            if conns:
+                effects.append(Deliver(conns, stored.as_event()))
+            if auto_ack:
+                effects.append(StoreReceipt(stored.msg, stored.to, "delivered", stored.ts))
+        return effects
+
+    def backlog_loaded(self, conn: int, batch: list[StoredMessage]) -> list[Effect]:
+        """``conn``'s stored messages, oldest first, loaded in order with live ones."""
+        entry = self.conns.get(conn)
+        if entry is None:
+            return []
+        entry.backlog_pending = False
+        return self._deliver_private([conn], batch)
+
+    def receipt_stored(self, msg: str, sender: str, by: str, status: str, ts: int) -> list[Effect]:
+        """A receipt was recorded for the first time: tell the sender's connections."""
+        target = self.online.get(name_key(sender))
+        if target is None:
+            return []
+        return [Deliver(sorted(target.conns), messages.Receipt(msg, status, by, ts))]
+
+    # --- views --------------------------------------------------------------------
+
+    def _all_conns(self, exclude: int | None = None) -> list[int]:
+        return [c for c in self.conns if c != exclude]
+
+    def _servers(self, user: OnlineUser) -> list[str]:
+        return [self.server]
+
+    def _presence(self, key: str) -> messages.Presence:
+        user = self.online[key]
+        servers = self._servers(user)
+        return messages.Presence(user.name, True, server=servers[0], servers=servers)
+
+    def _users_page(self, after: str | None) -> tuple[list[messages.UserEntry], str | None]:
+        keys = sorted(self.online)
+        if after is not None:
+            keys = [k for k in keys if k > name_key(after)]
+        page = keys[: self._page]
+        entries = [
+            messages.UserEntry(self.online[k].name, True, self._servers(self.online[k])[0])
+            for k in page
+        ]
+        more = self.online[page[-1]].name if len(keys) > len(page) else None
+        return entries, more
+
+    def _status(self, name: str) -> messages.Status:
+        key = name_key(name)
+        user = self.online.get(key)
+        if user is not None:
+            servers = self._servers(user)
+            return messages.Status(user.name, True, server=servers[0], servers=servers)
+        seen = self._accounts.get(key) or self._gone_guests.get(key)
+        if seen is None:
+            raise ProtocolError(errors.NO_SUCH_USER, f"there is no user {name[:40]}")
+        return messages.Status(seen.name, False, last_seen=seen.last_seen)
+
+
+def check_name(name: str) -> None:
+    if not is_valid_name(name):
+        raise ProtocolError(errors.BAD_NAME, describe_name_rule())

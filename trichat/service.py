@@ -1,0 +1,289 @@
+"""The chat service of one server: carrying out what the hub decides.
+
+Owns: the registry of client connections, carrying out the hub's effects, and the
+asynchronous parts of login and register (password hashing, account lookups). Must never:
+make routing decisions itself (hub.py does) or own listeners (server.py does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+import trio
+
+from trichat import errors, passwords
+from trichat.codec import RequestId, encode
+from trichat.config import Settings
+from trichat.connection import Connection
+from trichat.errors import ProtocolError
+from trichat.hub import (
+    Close,
+    Deliver,
+    Effect,
+    FetchBacklog,
+    Hub,
+    Reply,
+    SaveLastSeen,
+    StoredMessage,
+    StoreMessage,
+    StoreReceipt,
+)
+from trichat.messages import (
+    Bye,
+    Error,
+    HelpRequest,
+    HelpText,
+    LoginRequest,
+    LogoutRequest,
+    PingRequest,
+    Pong,
+    RegisterRequest,
+)
+from trichat.outbox import Outbox
+from trichat.session import Incoming, Kick, Refused, Session
+from trichat.store import (
+    CreateAccount,
+    GetPasswordHash,
+    Inserted,
+    InsertMessage,
+    LoadBacklog,
+    MarkReceipt,
+    Store,
+    StoreError,
+)
+from trichat.store import SaveLastSeen as StoreLastSeen
+from trichat.textmode import HELP_TEXT
+
+log = logging.getLogger(__name__)
+
+PASSWORD_THREADS = 2  # scrypt is CPU-bound: never let logins starve the event loop's core
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ChatService:
+    """The running chat service of one server process.
+
+    Args:
+        settings: all settings.
+        hub: the routing core.
+        store: the storage queue.
+    """
+
+    def __init__(self, settings: Settings, hub: Hub, store: Store) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.store = store
+        self.connections: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._password_limiter = trio.CapacityLimiter(PASSWORD_THREADS)
+        self.closing = False
+
+    # --- connections --------------------------------------------------------------
+
+    def open_connection(self, peer: str) -> Connection | None:
+        """A new client; None when the server is full or shutting down."""
+        if self.closing or len(self.connections) >= self.settings.max_connections:
+            return None
+        s = self.settings
+        session = Session(
+            max_line_bytes=s.max_line_bytes,
+            rate=s.rate_limit,
+            burst=s.rate_burst,
+            strikes=s.rate_limit_strikes,
+            now=trio.current_time(),
+        )
+        conn = Connection(next(self._ids), peer, session, Outbox(s.outbox_bytes))
+        self.connections[conn.id] = conn
+        return conn
+
+    def full_message(self) -> bytes:
+        why = "the server is full" if not self.closing else "the server is shutting down"
+        return encode(Error(errors.SERVER_FULL, f"{why}; try again later"))
+
+    def close_connection(self, conn: Connection) -> None:
+        """The connection's tasks have ended: forget it everywhere."""
+        self.connections.pop(conn.id, None)
+        self.apply(self.hub.disconnect(conn.id, now_ms()))
+
+    def shutdown_connections(self) -> None:
+        for conn in list(self.connections.values()):
+            conn.close(Bye("shutdown", "the server is shutting down"))
+
+    # --- requests -----------------------------------------------------------------
+
+    async def receive(self, conn: Connection, data: bytes) -> None:
+        """Bytes from a client: serve every complete request in them, in order."""
+        session = conn.session
+        session.feed(data)
+        while not conn.closing:
+            item = session.next_inbound(trio.current_time())
+            if item is None:
+                break
+            match item:
+                case Refused(event=event, req_id=req_id):
+                    conn.send(event, req_id)
+                case Kick(bye=bye):
+                    log.warning("closing connection %d (%s): %s", conn.id, conn.peer, bye.reason)
+                    conn.close(bye)
+                case Incoming():
+                    try:
+                        await self._serve(conn, item)
+                    except ProtocolError as exc:
+                        conn.send(Error(exc.code, exc.message), item.req_id)
+
+    async def _serve(self, conn: Connection, item: Incoming) -> None:
+        request, req_id = item.request, item.req_id
+        match request:
+            case LoginRequest():
+                await self._login(conn, request, req_id)
+            case RegisterRequest():
+                await self._register(conn, request, req_id)
+            case HelpRequest():
+                conn.send(HelpText(HELP_TEXT), req_id)
+            case PingRequest():
+                conn.send(Pong(), req_id)
+            case LogoutRequest() if conn.session.user is None:
+                conn.close(Bye("logout", "goodbye"))
+            case _:
+                await self.execute(self.hub.handle(conn.id, request, req_id, now_ms()))
+
+    async def _login(self, conn: Connection, req: LoginRequest, req_id: RequestId) -> None:
+        account = self.hub.check_login(req.user, req.password)
+        if account:
+            assert req.password is not None
+            stored = await self._call_store(GetPasswordHash(req.user))
+            ok = stored is not None and await trio.to_thread.run_sync(
+                passwords.verify_password, req.password, stored, limiter=self._password_limiter
+            )
+            if not ok:
+                raise ProtocolError(errors.AUTH_FAILED, "wrong name or password")
+        self._logged_in(conn, req.user, req_id)
+
+    async def _register(self, conn: Connection, req: RegisterRequest, req_id: RequestId) -> None:
+        self.hub.check_register(req.user)
+        s = self.settings
+        if not s.min_password_chars <= len(req.password) <= s.max_password_chars:
+            raise ProtocolError(
+                errors.WEAK_PASSWORD,
+                f"a password needs {s.min_password_chars} to {s.max_password_chars} characters",
+            )
+        pw_hash = await trio.to_thread.run_sync(
+            passwords.hash_password, req.password, limiter=self._password_limiter
+        )
+        self.hub.check_register(req.user)  # hashing took a while: is the name still free?
+        if not await self._call_store(CreateAccount(req.user, pw_hash, now_ms())):
+            raise ProtocolError(errors.NAME_TAKEN, f"{req.user} is taken; pick another name")
+        self.hub.add_account(req.user)
+        log.info("account %s registered", req.user)
+        self._logged_in(conn, req.user, req_id)
+
+    def _logged_in(self, conn: Connection, user: str, req_id: RequestId) -> None:
+        if conn.closing:
+            return
+        effects = self.hub.login(
+            conn.id, user, auto_ack=conn.session.text_mode, now=now_ms(), req_id=req_id
+        )
+        conn.session.logged_in(self.hub.conns[conn.id].user)
+        self.apply(effects)
+
+    async def _call_store(self, op: Any) -> Any:
+        try:
+            return await self.store.call(op)
+        except StoreError:
+            raise ProtocolError(errors.UNAVAILABLE, "storage is failing; try again") from None
+
+    # --- effects ------------------------------------------------------------------
+
+    async def execute(self, effects: list[Effect]) -> None:
+        """Carry out effects from a client request; waits only when storage is backed up."""
+        for effect in effects:
+            if isinstance(effect, StoreMessage):
+                await self.store.submit(self._insert_op(effect), self._on_stored(effect))
+            else:
+                self.apply([effect])
+
+    def apply(self, effects: list[Effect]) -> None:
+        """Carry out effects without waiting (from storage callbacks and disconnects)."""
+        for effect in effects:
+            match effect:
+                case Reply(conn=conn_id, event=event, req_id=req_id):
+                    conn = self.connections.get(conn_id)
+                    if conn is not None:
+                        conn.send(event, req_id)
+                case Deliver():
+                    self._deliver(effect)
+                case StoreMessage():
+                    self.store.submit_nowait(self._insert_op(effect), self._on_stored(effect))
+                case StoreReceipt(msg=msg, by=by, status=status, ts=ts):
+                    self.store.submit_nowait(
+                        MarkReceipt(msg, by, status, ts), self._on_receipt(effect)
+                    )
+                case FetchBacklog(conn=conn_id, user=user):
+                    self.store.submit_nowait(LoadBacklog(user), self._on_backlog(conn_id))
+                case SaveLastSeen(user=user, ts=ts):
+                    self.store.submit_nowait(StoreLastSeen(user, ts), _ignore)
+                case Close(conn=conn_id, bye=bye):
+                    conn = self.connections.get(conn_id)
+                    if conn is not None:
+                        conn.close(bye)
+
+    def _deliver(self, effect: Deliver) -> None:
+        # Encode once per mode, not once per recipient (protocol.md "Fan-out").
+        encoded: dict[bool, bytes] = {}
+        for conn_id in effect.conns:
+            conn = self.connections.get(conn_id)
+            if conn is None:
+                continue
+            text = conn.session.text_mode
+            data = encoded.get(text)
+            if data is None:
+                data = encoded[text] = conn.session.render(effect.event)
+            conn.send_bytes(data)
+
+    def _insert_op(self, effect: StoreMessage) -> InsertMessage:
+        since = effect.message.ts - self.settings.dedup_window_s * 1000
+        return InsertMessage(effect.message, effect.seq, since)
+
+    def _on_stored(self, effect: StoreMessage) -> Any:
+        def done(result: Inserted | StoreError) -> None:
+            if isinstance(result, StoreError):
+                self.apply([Reply(effect.conn, _storage_error(), effect.req_id)])
+                return
+            self.apply(
+                self.hub.message_stored(
+                    result.message, effect.conn, effect.req_id, duplicate=result.duplicate
+                )
+            )
+
+        return done
+
+    def _on_receipt(self, effect: StoreReceipt) -> Any:
+        def done(sender: str | StoreError | None) -> None:
+            if isinstance(sender, str):
+                self.apply(
+                    self.hub.receipt_stored(effect.msg, sender, effect.by, effect.status, effect.ts)
+                )
+
+        return done
+
+    def _on_backlog(self, conn_id: int) -> Any:
+        def done(batch: list[StoredMessage] | StoreError) -> None:
+            if isinstance(batch, StoreError):
+                batch = []  # offered again at the next login
+            self.apply(self.hub.backlog_loaded(conn_id, batch))
+
+        return done
+
+
+def _storage_error() -> Error:
+    return Error(errors.UNAVAILABLE, "the message could not be stored; send it again")
+
+
+def _ignore(_result: object) -> None:
+    pass

@@ -1,0 +1,331 @@
+"""Everything this server keeps on disk, in one SQLite database.
+
+Owns: the schema, the SQL, group commit (many operations, one transaction) and the one
+worker thread SQLite runs in (protocol.md "Delivery guarantee"). Must never: decide routing;
+the hub decides, the store records and answers. Durability: WAL with synchronous=NORMAL, so a
+committed transaction survives the server process being killed (SIGKILL); a power cut may
+lose the last moments (set ``synchronous=FULL`` in :data:`PRAGMAS` to trade speed for that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import orjson
+import trio
+
+from trichat.hub import StoredMessage
+from trichat.names import name_key
+
+log = logging.getLogger(__name__)
+
+DB_FILE: Final = "trichat.sqlite3"
+MAX_BACKLOG: Final = 10000  # stored messages offered at one login; the rest at the next
+
+PRAGMAS: Final = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA busy_timeout=5000",
+    "PRAGMA foreign_keys=ON",
+)
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (
+    key TEXT PRIMARY KEY,          -- the name in lower case: names are unique ignoring case
+    name TEXT NOT NULL,
+    pw_hash TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    last_seen INTEGER
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,       -- this server's order of storing
+    msg TEXT NOT NULL UNIQUE,      -- the id clients see
+    sender TEXT NOT NULL,
+    sender_key TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    recipient_key TEXT NOT NULL,
+    text TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    req_id TEXT,                   -- the client's id, JSON-encoded, for resend detection
+    delivered_at INTEGER,
+    read_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS messages_pending
+    ON messages (recipient_key, seq) WHERE delivered_at IS NULL;
+CREATE INDEX IF NOT EXISTS messages_resend
+    ON messages (sender_key, req_id) WHERE req_id IS NOT NULL;
+"""
+
+# --- operations: what the hub asks of storage, each answered in order --------------
+
+
+@attrs.frozen
+class InsertMessage:
+    message: StoredMessage
+    seq: int
+    dedup_since: int  # ms; an identical resend after this is the same message
+
+
+@attrs.frozen
+class MarkReceipt:
+    msg: str
+    by: str
+    status: str  # "delivered" or "read"
+    ts: int
+
+
+@attrs.frozen
+class LoadBacklog:
+    user: str
+
+
+@attrs.frozen
+class SaveLastSeen:
+    user: str
+    ts: int
+
+
+@attrs.frozen
+class CreateAccount:
+    name: str
+    pw_hash: str
+    ts: int
+
+
+@attrs.frozen
+class GetPasswordHash:
+    name: str
+
+
+Operation = (
+    InsertMessage | MarkReceipt | LoadBacklog | SaveLastSeen | CreateAccount | GetPasswordHash
+)
+
+
+@attrs.frozen
+class Inserted:
+    message: StoredMessage  # the existing one when ``duplicate``
+    duplicate: bool
+
+
+class StoreError(Exception):
+    """Storage failed (disk full, corrupt file); the operations of the batch did not happen."""
+
+
+class Database:
+    """The SQLite file; every method is blocking and runs in the store's worker thread."""
+
+    def __init__(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, DB_FILE)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        for pragma in PRAGMAS:
+            self._db.execute(pragma)
+        self._db.executescript(SCHEMA)
+        self.incarnation = self._incarnation()
+
+    def _incarnation(self) -> str:
+        # Message ids carry it, so a server whose data folder was wiped never reuses an id.
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'incarnation'").fetchone()
+        if row:
+            return str(row[0])
+        value = secrets.token_hex(3)
+        self._db.execute("INSERT INTO meta VALUES ('incarnation', ?)", (value,))
+        return value
+
+    def close(self) -> None:
+        self._db.close()
+
+    def accounts(self) -> list[tuple[str, int | None]]:
+        return list(self._db.execute("SELECT name, last_seen FROM accounts"))
+
+    def next_seq(self) -> int:
+        (top,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
+        return int(top) + 1
+
+    def run_batch(self, ops: list[Operation]) -> list[Any]:
+        """Apply ``ops`` in one transaction; results in the same order.
+
+        Raises:
+            StoreError: nothing of the batch was applied.
+        """
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                results = [self._apply(op) for op in ops]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        return results
+
+    def _apply(self, op: Operation) -> Any:
+        match op:
+            case InsertMessage():
+                return self._insert(op)
+            case MarkReceipt():
+                return self._receipt(op)
+            case LoadBacklog(user=user):
+                return self._backlog(user)
+            case SaveLastSeen(user=user, ts=ts):
+                self._db.execute(
+                    "UPDATE accounts SET last_seen = ? WHERE key = ?", (ts, name_key(user))
+                )
+                return None
+            case CreateAccount(name=name, pw_hash=pw_hash, ts=ts):
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO accounts (key, name, pw_hash, created) "
+                    "VALUES (?, ?, ?, ?)",
+                    (name_key(name), name, pw_hash, ts),
+                )
+                return cur.rowcount == 1
+            case GetPasswordHash(name=name):
+                row = self._db.execute(
+                    "SELECT pw_hash FROM accounts WHERE key = ?", (name_key(name),)
+                ).fetchone()
+                return row[0] if row else None
+        raise TypeError(f"unknown storage operation {op!r}")
+
+    def _insert(self, op: InsertMessage) -> Inserted:
+        m = op.message
+        req = None if m.req_id is None else orjson.dumps(m.req_id).decode()
+        if req is not None:
+            row = self._db.execute(
+                "SELECT msg, sender, recipient, text, ts FROM messages "
+                "WHERE sender_key = ? AND req_id = ? AND ts >= ? ORDER BY seq DESC LIMIT 1",
+                (name_key(m.sender), req, op.dedup_since),
+            ).fetchone()
+            if row and name_key(row[2]) == name_key(m.to) and row[3] == m.text:
+                msg, sender, to, text, ts = row
+                return Inserted(StoredMessage(msg, sender, to, text, ts, m.req_id), duplicate=True)
+        self._db.execute(
+            "INSERT INTO messages (seq, msg, sender, sender_key, recipient, recipient_key, "
+            "text, ts, req_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (op.seq, m.msg, m.sender, name_key(m.sender), m.to, name_key(m.to), m.text, m.ts, req),
+        )
+        return Inserted(m, duplicate=False)
+
+    def _receipt(self, op: MarkReceipt) -> str | None:
+        """The message's sender if this is news (first delivered, or first read)."""
+        if op.status == "read":
+            sql = (
+                "UPDATE messages SET read_at = ?1, delivered_at = coalesce(delivered_at, ?1) "
+                "WHERE msg = ?2 AND recipient_key = ?3 AND read_at IS NULL RETURNING sender"
+            )
+        else:
+            sql = (
+                "UPDATE messages SET delivered_at = ?1 "
+                "WHERE msg = ?2 AND recipient_key = ?3 AND delivered_at IS NULL RETURNING sender"
+            )
+        row = self._db.execute(sql, (op.ts, op.msg, name_key(op.by))).fetchone()
+        return row[0] if row else None
+
+    def _backlog(self, user: str) -> list[StoredMessage]:
+        rows = self._db.execute(
+            "SELECT msg, sender, recipient, text, ts FROM messages "
+            "WHERE recipient_key = ? AND delivered_at IS NULL ORDER BY seq LIMIT ?",
+            (name_key(user), MAX_BACKLOG),
+        )
+        return [StoredMessage(*row) for row in rows]
+
+
+Callback = Callable[[Any], None]
+
+
+class Store:
+    """The trio side: queues operations and writes them in batches, one transaction each.
+
+    Callbacks run in the trio thread, in the order the operations were queued, with the
+    operation's result or a :class:`StoreError`.
+
+    Args:
+        db: the open database.
+        batch_max: most operations per transaction.
+        queue_max: operations waiting before :meth:`submit` waits (backpressure).
+    """
+
+    def __init__(self, db: Database, *, batch_max: int, queue_max: int) -> None:
+        self.db = db
+        self._batch_max = batch_max
+        self._queue_max = queue_max
+        self._queue: deque[tuple[Operation, Callback]] = deque()
+        self._work = trio.Event()
+        self._space = trio.lowlevel.ParkingLot()
+        self._limiter = trio.CapacityLimiter(1)
+        self._closing = False
+        self.batches = 0
+        self.operations = 0
+
+    async def submit(self, op: Operation, callback: Callback) -> None:
+        """Queue ``op``; waits only while the queue is full (backpressure on the sender)."""
+        while len(self._queue) >= self._queue_max:
+            await self._space.park()
+        self.submit_nowait(op, callback)
+
+    def submit_nowait(self, op: Operation, callback: Callback) -> None:
+        """Queue ``op`` even past the limit: for follow-ups of work already admitted."""
+        self._queue.append((op, callback))
+        self._work.set()
+
+    async def call(self, op: Operation) -> Any:
+        """Queue ``op`` and wait for its result (for logins, not the message hot path).
+
+        Raises:
+            StoreError: storage failed.
+        """
+        done = trio.Event()
+        box: list[Any] = []
+
+        def finish(result: Any) -> None:
+            box.append(result)
+            done.set()
+
+        await self.submit(op, finish)
+        await done.wait()
+        if isinstance(box[0], StoreError):
+            raise box[0]
+        return box[0]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task: runs until :meth:`close` and the queue is empty."""
+        task_status.started()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._work = trio.Event()
+                await self._work.wait()
+                continue
+            count = min(len(self._queue), self._batch_max)
+            batch = [self._queue.popleft() for _ in range(count)]
+            self._space.unpark_all()
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[Operation, Callback]]) -> None:
+        ops = [op for op, _ in batch]
+        try:
+            results: list[Any] = await trio.to_thread.run_sync(
+                self.db.run_batch, ops, limiter=self._limiter
+            )
+        except StoreError as exc:
+            log.error("storage failed for %d operations: %s", len(ops), exc)
+            results = [exc] * len(ops)
+        self.batches += 1
+        self.operations += len(ops)
+        for (_, callback), result in zip(batch, results, strict=True):
+            callback(result)
+
+    def close(self) -> None:
+        """Stop taking work: :meth:`run` returns once what is queued is written."""
+        self._closing = True
+        self._work.set()
