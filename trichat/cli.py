@@ -172,8 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from trichat.server import StartupError, run_server
-
     try:
         settings = settings_from_args(args)
     except (TypeError, ValueError) as exc:
@@ -183,6 +181,13 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"trichat: {problem}", file=sys.stderr)
         return 2
+    return run_or_explain(settings)
+
+
+def run_or_explain(settings: Settings) -> int:
+    """Run a server; a startup problem is one line on stderr and exit status 1."""
+    from trichat.server import StartupError, run_server
+
     try:
         trio.run(run_server, settings)
     except StartupError as exc:

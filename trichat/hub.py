@@ -24,9 +24,12 @@ from trichat.names import describe_name_rule, is_valid_name, name_key
 BROADCAST_TO = "*"
 
 # --- effects --------------------------------------------------------------------------
+# Effects and storage operations are plain (not frozen) attrs classes: several are made per
+# message, and a frozen class takes 2.7x as long to build (benchmarks/README.md). Treat them
+# as values all the same.
 
 
-@attrs.frozen
+@attrs.define
 class Reply:
     """Send ``event`` to one connection, echoing ``req_id``."""
 
@@ -35,7 +38,7 @@ class Reply:
     req_id: RequestId = None
 
 
-@attrs.frozen
+@attrs.define
 class Deliver:
     """Send one event to many connections; the shell encodes it once per mode."""
 
@@ -43,7 +46,7 @@ class Deliver:
     event: Event
 
 
-@attrs.frozen
+@attrs.define
 class StoredMessage:
     """A private message as it is written to disk."""
 
@@ -58,7 +61,7 @@ class StoredMessage:
         return messages.Message(self.msg, self.sender, self.to, self.text, self.ts)
 
 
-@attrs.frozen
+@attrs.define
 class StoreMessage:
     """Write ``message`` durably, then call :meth:`Hub.message_stored`."""
 
@@ -68,7 +71,7 @@ class StoreMessage:
     req_id: RequestId
 
 
-@attrs.frozen
+@attrs.define
 class StoreReceipt:
     """Record that ``by`` received or read ``msg``, then call :meth:`Hub.receipt_stored`."""
 
@@ -78,7 +81,7 @@ class StoreReceipt:
     ts: int
 
 
-@attrs.frozen
+@attrs.define
 class FetchBacklog:
     """Load ``user``'s unacknowledged messages, then call :meth:`Hub.backlog_loaded`."""
 
@@ -86,13 +89,13 @@ class FetchBacklog:
     user: str
 
 
-@attrs.frozen
+@attrs.define
 class SaveLastSeen:
     user: str
     ts: int
 
 
-@attrs.frozen
+@attrs.define
 class Close:
     """Send ``bye`` to the connection and close it."""
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
+import attrs
 import trio
 
 from trichat import tcp, web
@@ -69,7 +70,15 @@ async def run_server(
     Raises:
         StartupError: a listener or the database could not be opened.
     """
-    db = await _open_database(settings)
+    # Listeners and the database open before any nursery, so a port in use or an unwritable
+    # folder surfaces as one StartupError, not inside an exception group.
+    listeners = await _open_listeners(settings)
+    try:
+        db = await _open_database(settings)
+    except StartupError:
+        for listener in [*listeners.line, *listeners.peer, *listeners.web]:
+            await listener.aclose()
+        raise
     try:
         hub = Hub(
             settings.name,
@@ -85,25 +94,44 @@ async def run_server(
         async with trio.open_nursery() as storage:
             storage.start_soon(store.run)
             try:
-                await _serve(settings, service, ready_out, stop, task_status)
+                await _serve(settings, listeners, service, ready_out, stop, task_status)
             finally:
                 store.close()  # the writer finishes what is queued, then returns
     finally:
         db.close()
 
 
+@attrs.frozen
+class Listeners:
+    line: list[trio.SocketListener]
+    peer: list[trio.SocketListener]
+    web: list[trio.SocketListener]
+
+
+async def _open_listeners(settings: Settings) -> Listeners:
+    opened: list[trio.SocketListener] = []
+    try:
+        line = await _listen(settings.host, settings.port, "line-protocol")
+        opened += line
+        peer = await _listen(settings.host, settings.peer_port, "peer")
+        opened += peer
+        web = await _listen(settings.host, settings.web_port, "web") if settings.web_port else []
+    except StartupError:
+        for listener in opened:
+            await listener.aclose()
+        raise
+    return Listeners(line, peer, web)
+
+
 async def _serve(
     settings: Settings,
+    opened: Listeners,
     service: ChatService,
     ready_out: TextIO | None,
     stop: trio.Event | None,
     task_status: trio.TaskStatus[ChatService],
 ) -> None:
-    line = await _listen(settings.host, settings.port, "line-protocol")
-    peer = await _listen(settings.host, settings.peer_port, "peer")
-    web_listeners = (
-        await _listen(settings.host, settings.web_port, "web") if settings.web_port else []
-    )
+    line, peer, web_listeners = opened.line, opened.peer, opened.web
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as listeners:
             listeners.start_soon(_accept, line, handlers, service, tcp.serve_connection)

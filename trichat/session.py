@@ -42,7 +42,7 @@ class Mode(enum.Enum):
 _LOGIN_TYPES: Final = frozenset({"register", "login"})
 
 
-@attrs.frozen
+@attrs.define
 class Incoming:
     """A request the hub should serve; ``req_id`` is echoed in its direct reply."""
 
@@ -50,7 +50,7 @@ class Incoming:
     req_id: RequestId
 
 
-@attrs.frozen
+@attrs.define
 class Refused:
     """A reply the shell sends as it is, without asking the hub."""
 
@@ -58,7 +58,7 @@ class Refused:
     req_id: RequestId = None
 
 
-@attrs.frozen
+@attrs.define
 class Kick:
     """Close the connection after sending ``bye``."""
 
