@@ -96,7 +96,7 @@ class Stats:
         self.latencies = array("q")  # ns, send -> delivery, deliveries inside the window only
         self.ack_latencies = array("q")  # ns, send -> `sent` (stored durably), same window
         self.reordered = self.gaps = self.foreign = 0
-        self.presence = self.disconnected = self.skipped = 0
+        self.presence = self.disconnected = self.skipped = self.echoes = 0
         self.errors: Counter[str] = Counter()
         self.error_samples: list[str] = []
         self.last_rx_ns = 0
@@ -202,6 +202,11 @@ class Client(asyncio.Protocol):
         # receipt, users, typing...: read and dropped, as a client that ignores them would.
 
     def on_message(self, event: dict[str, Any]) -> None:
+        if self.target is not None:
+            # Our own broadcast: the protocol sends it only to the sender's *other*
+            # connections, so count any copy apart from what receivers got.
+            self.stats.echoes += 1
+            return
         now = time.monotonic_ns()
         try:
             seq_text, stamp, _ = event["text"].split(" ", 2)
@@ -296,10 +301,10 @@ class Fleet:
         self.stats.logins += 1
         return client
 
-    async def connect_all(self, names: list[str], target: dict[str, str] | None = None) -> None:
-        """Log in `names` with bounded concurrency and an overall deadline."""
+    async def connect_all(self, names: list[str], targets: dict[str, str] | None = None) -> None:
+        """Log in `names` (senders if `targets` maps them to a target), concurrency bounded."""
         gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
-        targets = target or {}
+        targets = targets or {}
 
         async def one(name: str) -> None:
             async with gate:
@@ -323,7 +328,8 @@ class Fleet:
         else:
             names = {f"{plan.prefix}s{i}": f"{plan.prefix}r{i}" for i in mine}
             await self.connect_all(list(names), names)
-        pad = "x" * max(0, plan.text_size - 30)  # "seq ns " takes about 30 characters
+        stamp_chars = len(f"{10**6} {time.monotonic_ns()} ")  # the "seq ns " prefix of a text
+        pad = "x" * max(0, plan.text_size - stamp_chars)
         for sender in self.senders:
             sender.window, sender.pad = plan.window, pad
 
@@ -697,7 +703,6 @@ def traffic_figures(
     acks = sorted(total["ack_latencies"])
     delivered = total["delivered_win"]
     seconds = plan.duration_s if first is None or last is None else (last.t_ns - first.t_ns) / NS
-    copies = plan.clients + 1 if plan.mode == "broadcast" else 1  # the sender's own copy too
     return {
         "sent": total["requests_win"],
         "delivered": delivered,
@@ -713,11 +718,17 @@ def traffic_figures(
         # Whole run (warm-up + window + drain): correctness rather than speed.
         "run_requests": total["requests"],
         "run_acked": total["acked"],
-        "run_missing": total["acked"] * copies - total["delivered"],
+        "run_missing": total["acked"] * receivers_per_message(plan) - total["delivered"],
         "run_reordered": total["reordered"],
         "run_gaps": total["gaps"],
         "run_skipped": total["skipped"],
+        "run_sender_echoes": total["echoes"],
+        "run_foreign": total["foreign"],
     }
+
+
+def receivers_per_message(plan: Plan) -> int:
+    return plan.clients if plan.mode == "broadcast" else 1
 
 
 def cpu_pct(first: Sample, last: Sample) -> float:
