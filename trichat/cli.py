@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -39,10 +39,12 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, defaulting to its env var, then to config.py's default."""
     for field in flag_fields():
         env = _env_name(field)
-        default = field.default
-        if env in os.environ:
-            default = _convert(field, os.environ[env])
         kind = type(field.default)
+        # argparse converts a string default with ``type`` too, so a bad env value gets the
+        # same one-line "invalid int value" error as a bad flag.
+        default = os.environ.get(env, field.default) if kind is not tuple else field.default
+        if kind is tuple and env in os.environ:
+            default = _convert(field, os.environ[env])
         help_text = f"{field.metadata['help']} (env {env}; default: %(default)s)"
         if kind is tuple:
             parser.add_argument(
@@ -87,8 +89,21 @@ def check_settings(s: Settings) -> str | None:
     ):
         if getattr(s, flag) < 1:
             return f"--{flag.replace('_', '-')} must be at least 1"
-    if s.rate_limit < 0:
-        return "--rate-limit must be 0 (off) or more"
+    for flag in (
+        "rate_limit",
+        "rate_burst_s",
+        "rate_limit_strikes",
+        "login_timeout_s",
+        "keepalive_s",
+        "dedup_window_s",
+        "min_password_chars",
+        "remembered_guests",
+        "shutdown_grace_s",
+    ):
+        if getattr(s, flag) < 0:
+            return f"--{flag.replace('_', '-')} must be 0 or more"
+    if s.max_password_chars < max(1, s.min_password_chars):
+        return "--max-password-chars must be at least --min-password-chars (and 1)"
     for peer in s.peer:
         host, _, port = peer.rpartition(":")
         if not host or not port.isdigit():
@@ -96,8 +111,14 @@ def check_settings(s: Settings) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not the whole usage: the reason is what a person needs.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trichat",
         description="trichat: a small distributed chat server. "
         "Talk to it with `nc localhost 7000` and type /help.",
@@ -109,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log detail (env TRICHAT_LOG_LEVEL)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     serve = sub.add_parser("serve", help="run one server", description="Run one trichat server.")
     add_settings_flags(serve)
     cluster = sub.add_parser(

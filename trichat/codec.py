@@ -125,6 +125,18 @@ def decode(line: bytes) -> tuple[Request, RequestId]:
         raise
 
 
+def maybe_request_id(line: bytes) -> RequestId:
+    """The ``id`` of a JSON request line, or None if it has none or isn't JSON (for replies
+    to lines that are refused without being served, such as ``rate_limited``)."""
+    if not line.startswith(b"{"):
+        return None
+    try:
+        data = orjson.loads(line)
+        return _request_id(data) if type(data) is dict else None
+    except (orjson.JSONDecodeError, ProtocolError):
+        return None
+
+
 def _request_id(data: dict[str, Any]) -> RequestId:
     req_id = data.get("id")
     if req_id is None:

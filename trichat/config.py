@@ -31,7 +31,9 @@ class Settings:
         5.0, "burst allowance, in seconds' worth of --rate-limit, after a quiet spell"
     )
     rate_limit_strikes: int = setting(
-        50, "requests refused with rate_limited in a row before the connection is closed"
+        50,
+        "refused requests in a row that close the connection (the last gets bye, "
+        "the others rate_limited)",
     )
     max_line_bytes: int = setting(65536, "longest request line accepted, in bytes")
     max_text_chars: int = setting(4096, "longest message text, in characters")
@@ -40,12 +42,12 @@ class Settings:
         262144, "bytes queued for one slow reader before it is disconnected"
     )
     login_timeout_s: float = setting(
-        300.0, "seconds a connection may stay without logging in before it is closed"
+        300.0, "seconds a connection may stay without logging in before it is closed (0 = never)"
     )
     keepalive_s: int = setting(
         10,
-        "TCP keepalive idle and probe interval, seconds; a vanished client is dropped "
-        "after about 3x this (half-open detection)",
+        "TCP keepalive idle time and probe interval, seconds; a vanished client is dropped "
+        "after about 4x this (half-open detection; 0 = off)",
     )
     users_page_size: int = setting(500, "users per page in welcome and users replies")
     store_batch_max: int = setting(512, "most storage operations written in one transaction")

@@ -62,24 +62,22 @@ class LineFramer:
         self._trim_overlong()
 
     def _trim_overlong(self) -> None:
-        # Only runs while no newline is known within the limit: keep at most max + 1 bytes
+        # Only acts while no newline is known within the limit: keep at most max + 1 bytes
         # (the +1 tells "over the limit" from "exactly at it", which a trailing \r needs).
-        if len(self._buf) <= self._max + 1:
-            return
-        nl = self._buf.find(b"\n", self._scanned, self._max + 2)
-        if nl >= 0:
-            return
-        # No newline within the limit: the line is too long. Drop what we have of it and skip
-        # to its end; anything after a later newline in this chunk is kept.
-        nl = self._buf.find(b"\n", self._max + 2)
-        self._too_long += 1
-        if nl < 0:
-            self._buf.clear()
-            self._discarding = True
-        else:
+        # A loop, not recursion: one read may hold thousands of short overlong lines.
+        while len(self._buf) > self._max + 1:
+            if self._buf.find(b"\n", self._scanned, self._max + 2) >= 0:
+                return
+            # No newline within the limit: the line is too long. Drop what we have of it and
+            # skip to its end; anything after a later newline in this chunk is kept.
+            nl = self._buf.find(b"\n", self._max + 2)
+            self._too_long += 1
+            self._scanned = 0
+            if nl < 0:
+                self._buf.clear()
+                self._discarding = True
+                return
             del self._buf[: nl + 1]
-            self._trim_overlong()
-        self._scanned = 0
 
     def next_line(self) -> bytes | Marker:
         """Return the next complete line, ``TOO_LONG`` once per overlong line, or ``NEED_DATA``."""

@@ -96,6 +96,24 @@ class SaveLastSeen:
 
 
 @attrs.define
+class DropBacklog:
+    """A guest is gone: what it left unacknowledged is never offered to anyone."""
+
+    user: str
+    ts: int
+
+
+@attrs.define
+class AfterStored:
+    """Carry out ``effects`` once everything already sent to storage is stored: a broadcast
+    must not overtake the same sender's private messages (protocol.md "Order"). ``conn``
+    is the requester, whose connection stays open until then."""
+
+    conn: int
+    effects: list[Effect]
+
+
+@attrs.define
 class Close:
     """Send ``bye`` to the connection and close it."""
 
@@ -103,7 +121,17 @@ class Close:
     bye: messages.Bye
 
 
-Effect = Reply | Deliver | StoreMessage | StoreReceipt | FetchBacklog | SaveLastSeen | Close
+Effect = (
+    Reply
+    | Deliver
+    | StoreMessage
+    | StoreReceipt
+    | FetchBacklog
+    | SaveLastSeen
+    | DropBacklog
+    | AfterStored
+    | Close
+)
 
 # --- state ----------------------------------------------------------------------------
 
@@ -250,6 +278,7 @@ class Hub:
             effects.append(SaveLastSeen(entry.user, now))
         else:
             self._remember_guest(entry.user, now)
+            effects.append(DropBacklog(entry.user, now))
         offline = messages.Presence(entry.user, False, last_seen=now)
         effects.append(Deliver(self._all_conns(), offline))
         return effects
@@ -327,17 +356,26 @@ class Hub:
         self._check_text(text)
         _, msg = self._next_msg_id()
         event = messages.Message(msg, entry.user, BROADCAST_TO, text, now)
-        return [
-            Reply(conn, messages.Sent(msg, now), req_id),
-            Deliver(self._all_conns(exclude=conn), event),
-        ]
+        # Everyone online now gets it, behind the sender's private messages still on their
+        # way to disk (connection ids are never reused, so one that left is just skipped).
+        fanout = Deliver(self._all_conns(exclude=conn), event)
+        return [AfterStored(conn, [Reply(conn, messages.Sent(msg, now), req_id), fanout])]
 
     # --- storage reports ----------------------------------------------------------
 
     def message_stored(
-        self, stored: StoredMessage, conn: int, req_id: RequestId, *, duplicate: bool
+        self,
+        stored: StoredMessage,
+        conn: int,
+        req_id: RequestId,
+        *,
+        duplicate: bool,
+        now: int | None = None,
     ) -> list[Effect]:
-        """``stored`` is on disk; ``duplicate`` means it was a resend of that message."""
+        """``stored`` is on disk; ``duplicate`` means it was a resend of that message.
+
+        ``now`` stamps receipts of text-mode connections (the message's time if None).
+        """
         effects: list[Effect] = []
         if conn in self.conns:
             effects.append(Reply(conn, messages.Sent(stored.msg, stored.ts), req_id))
@@ -347,25 +385,30 @@ class Hub:
         if target is None:
             return effects
         ready = [c for c in sorted(target.conns) if not self.conns[c].backlog_pending]
-        return effects + self._deliver_private(ready, [stored])
+        return effects + self._deliver_private(ready, [stored], now)
 
-    def _deliver_private(self, conns: list[int], batch: list[StoredMessage]) -> list[Effect]:
+    def _deliver_private(
+        self, conns: list[int], batch: list[StoredMessage], now: int | None
+    ) -> list[Effect]:
         effects: list[Effect] = []
         auto_ack = any(self.conns[c].auto_ack for c in conns)
         for stored in batch:
             if conns:
                 effects.append(Deliver(conns, stored.as_event()))
             if auto_ack:
-                effects.append(StoreReceipt(stored.msg, stored.to, "delivered", stored.ts))
+                shown = stored.ts if now is None else now
+                effects.append(StoreReceipt(stored.msg, stored.to, "delivered", shown))
         return effects
 
-    def backlog_loaded(self, conn: int, batch: list[StoredMessage]) -> list[Effect]:
+    def backlog_loaded(
+        self, conn: int, batch: list[StoredMessage], now: int | None = None
+    ) -> list[Effect]:
         """``conn``'s stored messages, oldest first, loaded in order with live ones."""
         entry = self.conns.get(conn)
         if entry is None:
             return []
         entry.backlog_pending = False
-        return self._deliver_private([conn], batch)
+        return self._deliver_private([conn], batch, now)
 
     def receipt_stored(self, msg: str, sender: str, by: str, status: str, ts: int) -> list[Effect]:
         """A receipt was recorded for the first time: tell the sender's connections."""

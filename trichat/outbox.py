@@ -1,9 +1,13 @@
-"""A connection's outgoing bytes: bounded, batched, drained by one writer task.
+"""A connection's outgoing bytes: bounded, batched, written without a task switch if possible.
 
 Owns: the slow-consumer rule of protocol.md "Slow readers". Others append without waiting;
-when more than ``max_bytes`` are waiting the reader is too slow and :class:`SlowConsumer`
-is raised, so the shell drops that connection instead of slowing everyone else down. The
-writer takes everything queued at once and sends it in one write.
+when more than ``max_bytes`` are waiting the reader is too slow and :class:`SlowConsumer` is
+raised, so the shell drops that connection instead of slowing everyone else down.
+
+How bytes leave, like Redis's write handling (``handleClientsWithPendingWrites`` before the
+event loop sleeps): what is queued during one pass of the event loop is written once at its
+end, straight from a non-blocking socket when the kernel takes it all; only what the kernel
+can't take now wakes the connection's writer task, which waits until the socket is writable.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ class Outbox:
         self._size = 0
         self._ready = trio.Event()
         self.closed = False
+        self.writer_busy = False
 
     @property
     def queued_bytes(self) -> int:
         return self._size
 
     def put(self, data: bytes) -> None:
-        """Queue ``data``; ignored once closed.
+        """Queue ``data`` (ignored once closed); someone must then flush or wake the writer.
 
         Raises:
             SlowConsumer: more than ``max_bytes`` would be waiting.
@@ -45,6 +50,23 @@ class Outbox:
             raise SlowConsumer(f"{self._size} bytes already waiting")
         self._chunks.append(data)
         self._size += len(data)
+
+    def take_nowait(self) -> bytes:
+        """All queued bytes, as one string (``b""`` if none)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+        self._chunks = []
+        self._size = 0
+        return data
+
+    def put_back(self, data: bytes) -> None:
+        """Return bytes the kernel did not take, ahead of anything queued since."""
+        self._chunks.insert(0, data)
+        self._size += len(data)
+
+    def wake_writer(self) -> None:
         self._ready.set()
 
     def close(self) -> None:
@@ -53,13 +75,10 @@ class Outbox:
         self._ready.set()
 
     async def take(self) -> bytes:
-        """Wait for data and take all of it; ``b""`` means closed and fully drained."""
+        """(The writer task.) Wait to be woken with data; ``b""`` means closed and drained."""
         while not self._chunks:
             if self.closed:
                 return b""
             await self._ready.wait()
             self._ready = trio.Event()
-        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-        self._chunks = []
-        self._size = 0
-        return data
+        return self.take_nowait()

@@ -21,15 +21,15 @@ class TokenBucket:
         self._tokens = burst
         self._stamp = now
 
-    def try_take(self, now: float) -> bool:
-        """Spend one token if there is one; False means the request is over budget."""
+    def try_take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens if there are that many; False means over budget."""
         if self.rate <= 0:
             return True
         elapsed = now - self._stamp
         if elapsed > 0:
             self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
             self._stamp = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._tokens >= cost:
+            self._tokens -= cost
             return True
         return False

@@ -132,26 +132,33 @@ async def _serve(
     task_status: trio.TaskStatus[ChatService],
 ) -> None:
     line, peer, web_listeners = opened.line, opened.peer, opened.web
-    async with trio.open_nursery() as handlers:
-        async with trio.open_nursery() as listeners:
-            listeners.start_soon(_accept, line, handlers, service, tcp.serve_connection)
-            listeners.start_soon(_accept, peer, handlers, service, _refuse_peer)
-            if web_listeners:
-                listeners.start_soon(_accept, web_listeners, handlers, service, web.serve_http)
-            web_at = _address(web_listeners) if web_listeners else "off"
-            print(
-                f"ready name={settings.name} line={_address(line)} web={web_at} "
-                f"peer={_address(peer)}",
-                file=ready_out or sys.stdout,
-                flush=True,
-            )
-            task_status.started(service)
-            await (stop.wait() if stop is not None else _wait_for_signal())
-            log.info("shutting down")
-            listeners.cancel_scope.cancel()
-        service.closing = True
-        service.shutdown_connections()
-        handlers.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace_s
+    async with trio.open_nursery() as background:
+        await background.start(service.run_flusher)
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as listeners:
+                listeners.start_soon(_accept, line, handlers, service, tcp.serve_connection)
+                listeners.start_soon(_accept, peer, handlers, service, _refuse_peer)
+                if web_listeners:
+                    listeners.start_soon(_accept, web_listeners, handlers, service, web.serve_http)
+                _print_ready(settings, opened, ready_out)
+                task_status.started(service)
+                await (stop.wait() if stop is not None else _wait_for_signal())
+                log.info("shutting down")
+                listeners.cancel_scope.cancel()
+            service.closing = True
+            service.shutdown_connections()
+            handlers.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace_s
+        background.cancel_scope.cancel()
+
+
+def _print_ready(settings: Settings, opened: Listeners, out: TextIO | None) -> None:
+    web_at = _address(opened.web) if opened.web else "off"
+    print(
+        f"ready name={settings.name} line={_address(opened.line)} web={web_at} "
+        f"peer={_address(opened.peer)}",
+        file=out or sys.stdout,
+        flush=True,
+    )
 
 
 Handler = Callable[[ChatService, trio.SocketStream], Awaitable[None]]

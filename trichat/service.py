@@ -20,8 +20,10 @@ from trichat.config import Settings
 from trichat.connection import Connection
 from trichat.errors import ProtocolError
 from trichat.hub import (
+    AfterStored,
     Close,
     Deliver,
+    DropBacklog,
     Effect,
     FetchBacklog,
     Hub,
@@ -45,7 +47,9 @@ from trichat.messages import (
 from trichat.outbox import Outbox
 from trichat.session import Incoming, Kick, Refused, Session
 from trichat.store import (
+    Barrier,
     CreateAccount,
+    DiscardBacklog,
     GetPasswordHash,
     Inserted,
     InsertMessage,
@@ -59,6 +63,7 @@ from trichat.textmode import HELP_TEXT
 
 log = logging.getLogger(__name__)
 
+YIELD_EVERY = 16  # requests served from one read before other tasks get a turn
 PASSWORD_THREADS = 2  # scrypt is CPU-bound: never let logins starve the event loop's core
 
 
@@ -83,6 +88,34 @@ class ChatService:
         self._ids = itertools.count(1)
         self._password_limiter = trio.CapacityLimiter(PASSWORD_THREADS)
         self.closing = False
+        self._dirty: list[Connection] = []
+        self._flush_due = trio.Event()
+        self._flusher_running = False
+
+    async def run_flusher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Write what connections queued, once per pass of the event loop (outbox.py)."""
+        self._flusher_running = True
+        task_status.started()
+        try:
+            while True:
+                await self._flush_due.wait()
+                self._flush_due = trio.Event()
+                self.flush()
+        finally:
+            self._flusher_running = False
+            self.flush()
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+    def _mark_dirty(self, conn: Connection) -> None:
+        if not self._dirty:
+            self._flush_due.set()
+        self._dirty.append(conn)
 
     # --- connections --------------------------------------------------------------
 
@@ -98,7 +131,8 @@ class ChatService:
             strikes=s.rate_limit_strikes,
             now=trio.current_time(),
         )
-        conn = Connection(next(self._ids), peer, session, Outbox(s.outbox_bytes))
+        on_dirty = self._mark_dirty if self._flusher_running else None
+        conn = Connection(next(self._ids), peer, session, Outbox(s.outbox_bytes), on_dirty)
         self.connections[conn.id] = conn
         return conn
 
@@ -109,7 +143,11 @@ class ChatService:
     def close_connection(self, conn: Connection) -> None:
         """The connection's tasks have ended: forget it everywhere."""
         self.connections.pop(conn.id, None)
-        self.apply(self.hub.disconnect(conn.id, now_ms()))
+        effects = self.hub.disconnect(conn.id, now_ms())
+        if self.closing:
+            # Everyone is being disconnected: N goodbyes would cost N x N presence events.
+            effects = [e for e in effects if not isinstance(e, Deliver)]
+        self.apply(effects)
 
     def shutdown_connections(self) -> None:
         for conn in list(self.connections.values()):
@@ -121,10 +159,17 @@ class ChatService:
         """Bytes from a client: serve every complete request in them, in order."""
         session = conn.session
         session.feed(data)
+        served = 0
         while not conn.closing:
             item = session.next_inbound(trio.current_time())
             if item is None:
                 break
+            served += 1
+            if served % YIELD_EVERY == 0:
+                # Let other connections and the flusher run: otherwise one pass of the event
+                # loop could queue whole bursts from many clients for a reader before any of
+                # it is written, and a fast reader would look slow (outbox.py).
+                await trio.lowlevel.checkpoint()
             match item:
                 case Refused(event=event, req_id=req_id):
                     conn.send(event, req_id)
@@ -157,6 +202,9 @@ class ChatService:
         account = self.hub.check_login(req.user, req.password)
         if account:
             assert req.password is not None
+            if len(req.password) > self.settings.max_password_chars:
+                # Never hash a megabyte: no account can have a password this long.
+                raise ProtocolError(errors.AUTH_FAILED, "wrong name or password")
             stored = await self._call_store(GetPasswordHash(req.user))
             ok = stored is not None and await trio.to_thread.run_sync(
                 passwords.verify_password, req.password, stored, limiter=self._password_limiter
@@ -204,7 +252,7 @@ class ChatService:
         """Carry out effects from a client request; waits only when storage is backed up."""
         for effect in effects:
             if isinstance(effect, StoreMessage):
-                await self.store.submit(self._insert_op(effect), self._on_stored(effect))
+                await self.store.submit(*self._insert(effect))
             else:
                 self.apply([effect])
 
@@ -219,7 +267,7 @@ class ChatService:
                 case Deliver():
                     self._deliver(effect)
                 case StoreMessage():
-                    self.store.submit_nowait(self._insert_op(effect), self._on_stored(effect))
+                    self.store.submit_nowait(*self._insert(effect))
                 case StoreReceipt(msg=msg, by=by, status=status, ts=ts):
                     self.store.submit_nowait(
                         MarkReceipt(msg, by, status, ts), self._on_receipt(effect)
@@ -228,6 +276,11 @@ class ChatService:
                     self.store.submit_nowait(LoadBacklog(user), self._on_backlog(conn_id))
                 case SaveLastSeen(user=user, ts=ts):
                     self.store.submit_nowait(StoreLastSeen(user, ts), _ignore)
+                case DropBacklog(user=user, ts=ts):
+                    self.store.submit_nowait(DiscardBacklog(user, ts), _ignore)
+                case AfterStored():
+                    self._started(effect.conn)
+                    self.store.submit_nowait(Barrier(), self._after_stored(effect))
                 case Close(conn=conn_id, bye=bye):
                     conn = self.connections.get(conn_id)
                     if conn is not None:
@@ -246,20 +299,44 @@ class ChatService:
                 data = encoded[text] = conn.session.render(effect.event)
             conn.send_bytes(data)
 
-    def _insert_op(self, effect: StoreMessage) -> InsertMessage:
+    def _started(self, conn_id: int) -> None:
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            conn.store_started()
+
+    def _finished(self, conn_id: int) -> None:
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            conn.store_finished()
+
+    def _after_stored(self, effect: AfterStored) -> Any:
+        def done(_result: object) -> None:
+            self.apply(effect.effects)
+            self._finished(effect.conn)
+
+        return done
+
+    def _insert(self, effect: StoreMessage) -> tuple[InsertMessage, Any]:
+        """The storage operation for a message and its callback."""
+        self._started(effect.conn)
         since = effect.message.ts - self.settings.dedup_window_s * 1000
-        return InsertMessage(effect.message, effect.seq, since)
+        return InsertMessage(effect.message, effect.seq, since), self._on_stored(effect)
 
     def _on_stored(self, effect: StoreMessage) -> Any:
         def done(result: Inserted | StoreError) -> None:
             if isinstance(result, StoreError):
                 self.apply([Reply(effect.conn, _storage_error(), effect.req_id)])
-                return
-            self.apply(
-                self.hub.message_stored(
-                    result.message, effect.conn, effect.req_id, duplicate=result.duplicate
+            else:
+                self.apply(
+                    self.hub.message_stored(
+                        result.message,
+                        effect.conn,
+                        effect.req_id,
+                        duplicate=result.duplicate,
+                        now=now_ms(),
+                    )
                 )
-            )
+            self._finished(effect.conn)
 
         return done
 
@@ -276,7 +353,7 @@ class ChatService:
         def done(batch: list[StoredMessage] | StoreError) -> None:
             if isinstance(batch, StoreError):
                 batch = []  # offered again at the next login
-            self.apply(self.hub.backlog_loaded(conn_id, batch))
+            self.apply(self.hub.backlog_loaded(conn_id, batch, now_ms()))
 
         return done
 

@@ -41,6 +41,10 @@ class Mode(enum.Enum):
 
 _LOGIN_TYPES: Final = frozenset({"register", "login"})
 
+# Acknowledgements cost a tenth of a request (protocol.md "Flood control"): a client that
+# acknowledges a backlog of stored messages at once must not be taken for a flooder.
+_COST: Final = {"received": 0.1, "read": 0.1}
+
 
 @attrs.define
 class Incoming:
@@ -114,23 +118,27 @@ class Session:
 
     def _handle_line(self, line: bytes | object, now: float) -> Inbound | None:
         if line is TOO_LONG:
-            if not self._allow(now):
+            if not self._allow(now, 1.0):
                 return self._over_budget()
             return Refused(
                 Error(errors.LINE_TOO_LONG, f"a line may be at most {self._max_line} bytes")
             )
         assert isinstance(line, bytes)
+        # Telnet option bytes may come on any line (IAC IP for Ctrl-C); removing them can only
+        # make a line what the client could have sent anyway (0xFF never occurs in UTF-8).
         line = strip_telnet(line).strip()
         if not line:
             return None  # blank lines (a telnet user pressing Enter) are not requests
-        if not self._allow(now):
-            return self._over_budget()
         if self.mode is Mode.UNDECIDED:
             self.mode = Mode.JSON if line.startswith(b"{") else Mode.TEXT
         try:
             request, req_id = self._parse(line)
         except ProtocolError as exc:
+            if not self._allow(now, 1.0):
+                return self._over_budget(getattr(exc, "req_id", None))
             return Refused(Error(exc.code, exc.message), getattr(exc, "req_id", None))
+        if not self._allow(now, _COST.get(request.TYPE, 1.0)):
+            return self._over_budget(req_id)
         return self._check_state(request, req_id)
 
     def _parse(self, line: bytes) -> tuple[Request, RequestId]:
@@ -153,17 +161,17 @@ class Session:
             return Refused(Error(errors.ALREADY_LOGGED_IN, why), req_id)
         return Incoming(request, req_id)
 
-    def _allow(self, now: float) -> bool:
-        if self._bucket.try_take(now):
+    def _allow(self, now: float, cost: float) -> bool:
+        if self._bucket.try_take(now, cost):
             self._strikes = 0
             return True
         self._strikes += 1
         return False
 
-    def _over_budget(self) -> Inbound:
+    def _over_budget(self, req_id: RequestId = None) -> Inbound:
         if self._strikes >= self._strikes_allowed:
             return Kick(Bye("rate_limited", "too many requests; closing this connection"))
-        return Refused(Error(errors.RATE_LIMITED, "too many requests; slow down"))
+        return Refused(Error(errors.RATE_LIMITED, "too many requests; slow down"), req_id)
 
     def logged_in(self, user: str) -> None:
         """The hub accepted a login or register for ``user``."""

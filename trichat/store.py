@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 DB_FILE: Final = "trichat.sqlite3"
 MAX_BACKLOG: Final = 10000  # stored messages offered at one login; the rest at the next
+INLINE_BATCH_MAX: Final = 16  # batches this small are written without a thread hand-off
+CHECKPOINT_ROWS: Final = 4000  # rows written before the WAL is copied back into the database
+
+SCHEMA_VERSION: Final = 1
 
 PRAGMAS: Final = (
     "PRAGMA journal_mode=WAL",
@@ -37,6 +41,9 @@ PRAGMAS: Final = (
     "PRAGMA foreign_keys=ON",
     "PRAGMA temp_store=MEMORY",  # multi-row upserts need a statement journal: not a file
     "PRAGMA cache_size=-16384",  # 16 MiB of pages: the hot index pages stay in memory
+    # Checkpoints (the only fsyncs with synchronous=NORMAL) run in the worker thread, never
+    # inside a commit that may run on the event loop: see Store._write.
+    "PRAGMA wal_autocheckpoint=0",
 )
 
 SCHEMA: Final = """
@@ -60,8 +67,12 @@ CREATE TABLE IF NOT EXISTS messages (
     req_id TEXT,                   -- the client's id, JSON-encoded
     resend_key INTEGER,            -- hash of sender, id, recipient and text: a resend has it too
     delivered_at INTEGER,
-    read_at INTEGER
+    read_at INTEGER,
+    dropped_at INTEGER             -- set when undelivered messages to a guest were dropped
 );
+"""
+
+INDEXES: Final = """
 CREATE INDEX IF NOT EXISTS messages_pending
     ON messages (recipient_key, seq) WHERE delivered_at IS NULL;
 -- Led by sender and id so one sender's inserts touch few index pages (a bare hash would
@@ -111,8 +122,29 @@ class GetPasswordHash:
     name: str
 
 
+@attrs.define
+class DiscardBacklog:
+    """A guest left: what it did not acknowledge will never be offered to anyone."""
+
+    user: str
+    ts: int
+
+
+@attrs.define
+class Barrier:
+    """No storage work: its callback runs after those of everything queued before it (how a
+    broadcast keeps its place behind the sender's private messages)."""
+
+
 Operation = (
-    InsertMessage | MarkReceipt | LoadBacklog | SaveLastSeen | CreateAccount | GetPasswordHash
+    InsertMessage
+    | MarkReceipt
+    | LoadBacklog
+    | SaveLastSeen
+    | CreateAccount
+    | GetPasswordHash
+    | DiscardBacklog
+    | Barrier
 )
 
 
@@ -136,19 +168,54 @@ class Database:
         for pragma in PRAGMAS:
             self._db.execute(pragma)
         self._db.executescript(SCHEMA)
+        self._migrate()
+        self._checkpointer = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None
+        )
         self.incarnation = self._incarnation()
+        self._rows_since_checkpoint = 0
+
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to this schema."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        for column in ("resend_key", "dropped_at"):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER")
+        resend = [row[2] for row in self._db.execute("PRAGMA index_info(messages_resend)")]
+        if resend and resend != ["sender_key", "req_id", "resend_key"]:
+            self._db.execute("DROP INDEX messages_resend")
+        self._db.executescript(INDEXES)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _incarnation(self) -> str:
-        # Message ids carry it, so a server whose data folder was wiped never reuses an id.
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'incarnation'").fetchone()
-        if row:
-            return str(row[0])
-        value = secrets.token_hex(3)
-        self._db.execute("INSERT INTO meta VALUES ('incarnation', ?)", (value,))
-        return value
+        # New at every opening, and part of every message id: ids never repeat, not after a
+        # restart (broadcasts are numbered but not stored) nor after the folder is wiped.
+        return secrets.token_hex(3)
 
     def close(self) -> None:
+        self.checkpoint()
+        self._checkpointer.close()
         self._db.close()
+
+    def inline_ok(self) -> bool:
+        """Whether a small batch may run on the calling (event loop) thread: not while the
+        write-ahead log has grown past its checkpoint size (a checkpoint is overdue)."""
+        return self._rows_since_checkpoint < 4 * CHECKPOINT_ROWS
+
+    def wants_checkpoint(self) -> bool:
+        return self._rows_since_checkpoint >= CHECKPOINT_ROWS
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file (fsyncs).
+
+        Runs on its own connection and never blocks the writer (PASSIVE): commits go on
+        while it works, so a slow disk sync never delays a ``sent``.
+        """
+        self._rows_since_checkpoint = 0
+        try:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("checkpoint failed: %s", exc)
 
     def accounts(self) -> list[tuple[str, int | None]]:
         return list(self._db.execute("SELECT name, last_seen FROM accounts"))
@@ -171,6 +238,7 @@ class Database:
             try:
                 results = self._apply_all(ops)
                 self._db.execute("COMMIT")
+                self._rows_since_checkpoint += len(ops)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -212,7 +280,17 @@ class Database:
                     "VALUES (?, ?, ?, ?)",
                     (name_key(name), name, pw_hash, ts),
                 )
-                return cur.rowcount == 1
+                if cur.rowcount != 1:
+                    return False
+                # Whatever a guest of this name left unread was for that guest, not for the
+                # new account (protocol.md "Guests and accounts").
+                self._discard_backlog(name, ts)
+                return True
+            case DiscardBacklog(user=user, ts=ts):
+                self._discard_backlog(user, ts)
+                return None
+            case Barrier():
+                return None
             case GetPasswordHash(name=name):
                 row = self._db.execute(
                     "SELECT pw_hash FROM accounts WHERE key = ?", (name_key(name),)
@@ -278,6 +356,15 @@ class Database:
                 news[msg, rkey] = sender
         # A message acknowledged twice in one run is news once.
         return [news.pop((op.msg, name_key(op.by)), None) for op in ops]
+
+    def _discard_backlog(self, user: str, ts: int) -> None:
+        # Marked delivered-and-dropped (read_at stays NULL, dropped_at set) rather than
+        # deleted, so the history stays whole.
+        self._db.execute(
+            "UPDATE messages SET delivered_at = ?, dropped_at = ? "
+            "WHERE recipient_key = ? AND delivered_at IS NULL",
+            (ts, ts, name_key(user)),
+        )
 
     def _backlog(self, user: str) -> list[StoredMessage]:
         rows = self._db.execute(
@@ -363,6 +450,7 @@ class Store:
         self._space = trio.lowlevel.ParkingLot()
         self._limiter = trio.CapacityLimiter(1)
         self._closing = False
+        self._checkpoint_due = trio.Event()
         self.batches = 0
         self.operations = 0
 
@@ -398,7 +486,20 @@ class Store:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task: runs until :meth:`close` and the queue is empty."""
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._checkpoints)
+            task_status.started()
+            await self._write_all()
+            nursery.cancel_scope.cancel()
+
+    async def _checkpoints(self) -> None:
+        limiter = trio.CapacityLimiter(1)  # not the writer's: the two run side by side
+        while True:
+            await self._checkpoint_due.wait()
+            self._checkpoint_due = trio.Event()
+            await trio.to_thread.run_sync(self.db.checkpoint, limiter=limiter)
+
+    async def _write_all(self) -> None:
         while True:
             if not self._queue:
                 if self._closing:
@@ -414,9 +515,17 @@ class Store:
     async def _write(self, batch: list[tuple[Operation, Callback]]) -> None:
         ops = [op for op, _ in batch]
         try:
-            results: list[Any] = await trio.to_thread.run_sync(
-                self.db.run_batch, ops, limiter=self._limiter
-            )
+            if len(ops) <= INLINE_BATCH_MAX and self.db.inline_ok():
+                # A few rows commit in tens of microseconds: less than the hand-off to a
+                # worker thread and back costs (benchmarks/README.md, "rate" runs).
+                results: list[Any] = self.db.run_batch(ops)
+                await trio.lowlevel.checkpoint()
+            else:
+                results = await trio.to_thread.run_sync(
+                    self.db.run_batch, ops, limiter=self._limiter
+                )
+            if self.db.wants_checkpoint():
+                self._checkpoint_due.set()
         except StoreError as exc:
             log.error("storage failed for %d operations: %s", len(ops), exc)
             results = [exc] * len(ops)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 65536
 FLUSH_TIMEOUT_S = 5.0
+LINGER_S = 1.0  # at most this long waiting for a closed client to close its side too
+LINGER_READS = 16
 
 
 def set_keepalive(stream: trio.abc.Stream, interval_s: int) -> None:
@@ -60,6 +64,7 @@ async def serve_connection(server: ChatService, stream: trio.abc.Stream) -> None
         await _refuse_full(server, stream)
         return
     set_keepalive(stream, server.settings.keepalive_s)
+    conn.raw_socket = _raw_socket(stream)
     try:
         with conn.cancel_scope:
             async with trio.open_nursery() as nursery:
@@ -67,8 +72,42 @@ async def serve_connection(server: ChatService, stream: trio.abc.Stream) -> None
                 await _read_loop(server, stream, conn)
     finally:
         server.close_connection(conn)
-        with trio.move_on_after(1, shield=True):
+        if conn.raw_socket is not None:
+            conn.raw_socket.close()
+            conn.raw_socket = None
+        with trio.move_on_after(LINGER_S, shield=True):
+            if conn.drop_reason is None:
+                await _linger(stream)
             await stream.aclose()
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read and drop what the client still sends until it closes too.
+
+    Closing a socket with unread input makes the kernel send a reset, and a reset can make
+    the client's kernel discard our last bytes (the ``bye``) before the client reads them.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return
+    try:
+        await stream.send_eof()
+        for _ in range(LINGER_READS):
+            if not await stream.receive_some(RECEIVE_BYTES):
+                return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+
+
+def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """A second handle on the connection's socket for direct, non-blocking writes.
+
+    It is a dup of the descriptor, so closing either handle never closes the other's.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+    raw.setblocking(False)
+    return raw
 
 
 async def _refuse_full(server: ChatService, stream: trio.abc.Stream) -> None:
@@ -79,22 +118,54 @@ async def _refuse_full(server: ChatService, stream: trio.abc.Stream) -> None:
 
 
 async def _read_loop(server: ChatService, stream: trio.abc.Stream, conn: Connection) -> None:
-    deadline = trio.current_time() + server.settings.login_timeout_s
-    while not conn.closing:
-        with trio.move_on_at(deadline if conn.session.user is None else float("inf")):
-            try:
-                data = await stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                conn.drop(f"connection lost: {exc}")
-                return
+    receive = _receiver(stream, conn)
+    try:
+        # Until login, reads have a deadline (protocol.md "Login timeout"); after it, none:
+        # a cancel scope per read would cost more than the read.
+        timeout = server.settings.login_timeout_s or float("inf")
+        with trio.move_on_after(timeout) as login_clock:
+            while conn.session.user is None and not conn.closing:
+                data = await receive()
+                if not data:
+                    return
+                await server.receive(conn, data)
+        if login_clock.cancelled_caught:
+            conn.close(Bye("login_timeout", "no login in time; closing"))
+            return
+        while not conn.closing:
+            data = await receive()
             if not data:
-                break
-            await server.receive(conn, bytes(data))
-            continue
-        conn.close(Bye("login_timeout", "no login in time; closing"))
-    # The client closed its side, or we are closing: let the writer flush, then stop.
-    conn.closing = True
-    conn.outbox.close()
+                return
+            await server.receive(conn, data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        conn.drop(f"connection lost: {exc}")
+    finally:
+        # The client closed its side, or we are closing: let the writer flush, then stop.
+        conn.close(None)
+
+
+def _receiver(stream: trio.abc.Stream, conn: Connection) -> Callable[[], Awaitable[bytes]]:
+    raw = conn.raw_socket
+    if raw is None:
+
+        async def receive_stream() -> bytes:
+            return bytes(await stream.receive_some(RECEIVE_BYTES))
+
+        return receive_stream
+
+    async def receive_raw() -> bytes:
+        # Straight from the non-blocking socket; wait only when it has nothing: cheaper than
+        # SocketStream.receive_some, which checks and wraps more than we need per read.
+        while True:
+            try:
+                data = raw.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+                continue
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return data
+
+    return receive_raw
 
 
 async def _write_loop(stream: trio.abc.Stream, conn: Connection) -> None:
@@ -103,12 +174,13 @@ async def _write_loop(stream: trio.abc.Stream, conn: Connection) -> None:
             data = await conn.outbox.take()
             if not data:
                 break
-            with trio.fail_after(FLUSH_TIMEOUT_S) if conn.closing else _no_limit():
+            conn.outbox.writer_busy = True
+            if conn.closing:
+                with trio.fail_after(FLUSH_TIMEOUT_S):
+                    await stream.send_all(data)
+            else:
                 await stream.send_all(data)
+            conn.outbox.writer_busy = False
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
         conn.drop(f"write failed: {exc!r}")
     conn.cancel_scope.cancel()
-
-
-def _no_limit() -> trio.CancelScope:
-    return trio.CancelScope()

@@ -114,7 +114,8 @@ def _render_welcome(e: messages.Welcome) -> str:
     return f"* welcome {e.user}, you are on server {e.server}. online: {names}{more}"
 
 
-_CONTROL: Final = {c: "?" for c in range(32) if c not in (9, 10)} | {127: "?"}
+# C0 and C1 controls (C1: U+0080-U+009F, e.g. CSI U+009B, which xterm obeys) and DEL.
+_CONTROL: Final = {c: "?" for c in (*range(32), *range(127, 160)) if c not in (9, 10)}
 
 
 def _safe(text: str) -> str:
@@ -164,6 +165,10 @@ _RENDERERS: Final[dict[type, Callable[[object], str]]] = {
 
 
 def render(event: Event) -> bytes:
-    """One or more readable lines (CR LF terminated, as telnet expects) for an event."""
-    text = _RENDERERS[type(event)](event)
-    return text.replace("\r", "").replace("\n", "\r\n").encode() + b"\r\n"
+    """One or more readable lines (CR LF terminated, as telnet expects) for an event.
+
+    Control characters are replaced everywhere, errors that quote a client's input included:
+    nothing a client sends can drive another person's terminal.
+    """
+    text = _RENDERERS[type(event)](event).translate(_CONTROL)
+    return text.replace("\n", "\r\n").encode() + b"\r\n"
