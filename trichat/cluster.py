@@ -8,9 +8,11 @@ Must never: share state with the servers except through their command lines.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 READY_TIMEOUT_S = 30.0
@@ -60,30 +62,72 @@ def _stop(procs: list[subprocess.Popen[str]]) -> None:
             proc.wait()
 
 
+def _follow(name: str, proc: subprocess.Popen[str], linked: dict[str, int]) -> None:
+    """(A thread.) Read a server's stdout: its ``linked`` lines say how many peers it has."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("linked"):
+            peers = line.partition("peers=")[2].strip()
+            linked[name] = len([p for p in peers.split(",") if p])
+
+
+def _watch(procs: dict[str, subprocess.Popen[str]], linked: dict[str, int]) -> None:
+    """Report the mesh fully linked, and servers that exit, until every server is gone."""
+    size = len(procs)
+    announced = False
+    exited: set[str] = set()
+    while len(exited) < size:
+        full = all(linked.get(name) == size - 1 for name in procs if name not in exited)
+        if full and not announced and not exited:
+            print(
+                f"mesh linked: {size} servers, every one linked to the {size - 1} others",
+                flush=True,
+            )
+            announced = True
+        for name, proc in procs.items():
+            if name not in exited and proc.poll() is not None:
+                exited.add(name)
+                print(
+                    f"{name} exited (status {proc.returncode}); the others keep running", flush=True
+                )
+        time.sleep(0.2)
+
+
 def run_cluster(size: int, *, host: str, data: str, log_level: str = "info") -> int:
-    """Start, report, wait for Ctrl-C, stop; the exit status."""
+    """Start, report, wait for Ctrl-C, stop; the exit status.
+
+    The servers share a cluster secret: TRICHAT_CLUSTER_SECRET if set, else a random one
+    made for this run (passed through the environment, never on a command line).
+    """
     if not 1 <= size <= 50:
         print("trichat cluster: --size must be between 1 and 50", file=sys.stderr)
         return 2
-    procs: list[subprocess.Popen[str]] = []
+    procs: dict[str, subprocess.Popen[str]] = {}
+    linked: dict[str, int] = {}
+    env = dict(os.environ)
+    env.setdefault("TRICHAT_CLUSTER_SECRET", secrets.token_hex(16))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         for i in range(size):
+            name = f"s{i}"
             proc = subprocess.Popen(
-                server_command(i, size, host, data, log_level), stdout=subprocess.PIPE, text=True
+                server_command(i, size, host, data, log_level),
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
             )
-            procs.append(proc)
+            procs[name] = proc
             ready = _wait_ready(proc, time.monotonic() + READY_TIMEOUT_S)
             if ready is None:
-                print(f"trichat cluster: server s{i} did not start", file=sys.stderr)
+                print(f"trichat cluster: server {name} did not start", file=sys.stderr)
                 return 1
-            print(f"s{i}: {ready}", flush=True)
+            print(f"{name}: {ready}", flush=True)
+            threading.Thread(target=_follow, args=(name, proc, linked), daemon=True).start()
         print(f"cluster of {size} running; Ctrl-C stops it", flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        print("trichat cluster: a server exited; stopping the others", file=sys.stderr)
+        _watch(procs, linked)
+        print("trichat cluster: every server has exited", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(procs)
+        _stop(list(procs.values()))

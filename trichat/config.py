@@ -26,6 +26,11 @@ class Settings:
     peer: tuple[str, ...] = setting((), "HOST:PORT of a mesh member to join (repeatable)")
     data: str = setting("./trichat-data", "folder holding this server's SQLite database")
     cluster_secret: str = setting("", "shared secret peers must prove they know")
+    advertise: str = setting(
+        "",
+        "HOST:PORT other servers dial to reach this one's peer port "
+        "(default: --host and the peer port; set it when binding 0.0.0.0)",
+    )
     rate_limit: float = setting(20.0, "requests per second a connection may make (0 = no limit)")
     rate_burst_s: float = setting(
         5.0, "burst allowance, in seconds' worth of --rate-limit, after a quiet spell"

@@ -8,7 +8,6 @@ the database last. Must never: hold chat logic.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import signal
@@ -22,6 +21,7 @@ import trio
 from trichat import tcp, web
 from trichat.config import Settings
 from trichat.hub import Hub
+from trichat.peers import PeerManager
 from trichat.service import ChatService
 from trichat.store import Database, Store
 
@@ -132,12 +132,22 @@ async def _serve(
     task_status: trio.TaskStatus[ChatService],
 ) -> None:
     line, peer, web_listeners = opened.line, opened.peer, opened.web
+    peers = PeerManager(
+        service,
+        settings.name,
+        settings.advertise or _address(peer),
+        settings.cluster_secret,
+        settings.peer,
+        ready_out,
+    )
+    service.peers = peers
     async with trio.open_nursery() as background:
         await background.start(service.run_flusher)
+        await background.start(peers.run)
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as listeners:
                 listeners.start_soon(_accept, line, handlers, service, tcp.serve_connection)
-                listeners.start_soon(_accept, peer, handlers, service, _refuse_peer)
+                listeners.start_soon(_accept, peer, background, service, _serve_peer)
                 if web_listeners:
                     listeners.start_soon(_accept, web_listeners, handlers, service, web.serve_http)
                 _print_ready(settings, opened, ready_out)
@@ -200,15 +210,9 @@ async def _guarded(handler: Handler, service: ChatService, stream: trio.SocketSt
         log.exception("connection handler failed")
 
 
-async def _refuse_peer(service: ChatService, stream: trio.SocketStream) -> None:
-    # Peer links arrive with the mesh; until then the port is claimed and says so.
-    with trio.move_on_after(1):
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.send_all(
-                b'{"type":"error","code":"unavailable",'
-                b'"message":"peer links are not enabled on this server"}\n'
-            )
-    await trio.aclose_forcefully(stream)
+async def _serve_peer(service: ChatService, stream: trio.SocketStream) -> None:
+    assert service.peers is not None
+    await service.peers.serve_incoming(stream)
 
 
 async def _wait_for_signal() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,6 +32,7 @@ from trichat.hub import (
     StoredMessage,
     StoreMessage,
     StoreReceipt,
+    ToPeers,
 )
 from trichat.messages import (
     Bye,
@@ -61,6 +62,9 @@ from trichat.store import (
 from trichat.store import SaveLastSeen as StoreLastSeen
 from trichat.textmode import HELP_TEXT
 
+if TYPE_CHECKING:
+    from trichat.peers import PeerManager
+
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 16  # requests served from one read before other tasks get a turn
@@ -88,6 +92,7 @@ class ChatService:
         self._ids = itertools.count(1)
         self._password_limiter = trio.CapacityLimiter(PASSWORD_THREADS)
         self.closing = False
+        self.peers: PeerManager | None = None  # set by server.py once peer links run
         self._dirty: list[Connection] = []
         self._flush_due = trio.Event()
         self._flusher_running = False
@@ -281,6 +286,9 @@ class ChatService:
                 case AfterStored():
                     self._started(effect.conn)
                     self.store.submit_nowait(Barrier(), self._after_stored(effect))
+                case ToPeers(servers=servers, message=message):
+                    if self.peers is not None:
+                        self.peers.send(servers, message)
                 case Close(conn=conn_id, bye=bye):
                     conn = self.connections.get(conn_id)
                     if conn is not None:
