@@ -16,6 +16,7 @@ import threading
 import time
 
 READY_TIMEOUT_S = 30.0
+SECRET_FILE = "cluster-secret"
 STOP_TIMEOUT_S = 10.0
 
 
@@ -93,11 +94,30 @@ def _watch(procs: dict[str, subprocess.Popen[str]], linked: dict[str, int]) -> N
         time.sleep(0.2)
 
 
+def _secret_from_file(data: str) -> str:
+    path = os.path.join(data, SECRET_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    os.makedirs(data, exist_ok=True)
+    secret = secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    print(f"cluster secret written to {path}", flush=True)
+    return secret
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_cluster(size: int, *, host: str, data: str, log_level: str = "info") -> int:
     """Start, report, wait for Ctrl-C, stop; the exit status.
 
-    The servers share a cluster secret: TRICHAT_CLUSTER_SECRET if set, else a random one
-    made for this run (passed through the environment, never on a command line).
+    The servers share a cluster secret: TRICHAT_CLUSTER_SECRET if set, else the one in
+    DATA/cluster-secret (made at random the first time, readable by this user only), so a
+    server added by hand can join. It goes through the environment, never a command line.
     """
     if not 1 <= size <= 50:
         print("trichat cluster: --size must be between 1 and 50", file=sys.stderr)
@@ -105,8 +125,12 @@ def run_cluster(size: int, *, host: str, data: str, log_level: str = "info") -> 
     procs: dict[str, subprocess.Popen[str]] = {}
     linked: dict[str, int] = {}
     env = dict(os.environ)
-    env.setdefault("TRICHAT_CLUSTER_SECRET", secrets.token_hex(16))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if not env.get("TRICHAT_CLUSTER_SECRET"):
+        env["TRICHAT_CLUSTER_SECRET"] = _secret_from_file(data)
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored, and Python
+    # keeps it ignored unless told otherwise.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         for i in range(size):
             name = f"s{i}"

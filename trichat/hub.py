@@ -13,169 +13,51 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-import attrs
-
 from trichat import errors, messages, peerproto
 from trichat.codec import RequestId
+from trichat.effects import (
+    AfterStored,
+    Close,
+    ConnEntry,
+    Deliver,
+    DropBacklog,
+    Effect,
+    FetchBacklog,
+    OnlineUser,
+    Reply,
+    SaveLastSeen,
+    Seen,
+    StoredMessage,
+    StoreMessage,
+    StoreReceipt,
+    ToPeers,
+)
 from trichat.errors import ProtocolError
-from trichat.messages import Event, Request
+from trichat.mesh import BROADCAST_TO, MeshRouting
+from trichat.messages import Request
 from trichat.names import describe_name_rule, is_valid_name, name_key
 
-BROADCAST_TO = "*"
-MAX_PENDING_RELAYS = 10000  # per peer, awaiting relay_ack; beyond it the oldest are dropped
-
-# --- effects --------------------------------------------------------------------------
-# Effects and storage operations are plain (not frozen) attrs classes: several are made per
-# message, and a frozen class takes 2.7x as long to build (benchmarks/README.md). Treat them
-# as values all the same.
-
-
-@attrs.define
-class Reply:
-    """Send ``event`` to one connection, echoing ``req_id``."""
-
-    conn: int
-    event: Event
-    req_id: RequestId = None
-
-
-@attrs.define
-class Deliver:
-    """Send one event to many connections; the shell encodes it once per mode."""
-
-    conns: list[int]
-    event: Event
+__all__ = [  # the effects are part of the hub's interface: tests and the shell use them
+    "AfterStored",
+    "Close",
+    "ConnEntry",
+    "Deliver",
+    "DropBacklog",
+    "Effect",
+    "FetchBacklog",
+    "Hub",
+    "OnlineUser",
+    "Reply",
+    "SaveLastSeen",
+    "Seen",
+    "StoreMessage",
+    "StoreReceipt",
+    "StoredMessage",
+    "ToPeers",
+]
 
 
-@attrs.define
-class StoredMessage:
-    """A private message as it is written to disk."""
-
-    msg: str
-    sender: str
-    to: str
-    text: str
-    ts: int
-    req_id: RequestId = None
-
-    def as_event(self) -> messages.Message:
-        return messages.Message(self.msg, self.sender, self.to, self.text, self.ts)
-
-
-@attrs.define
-class StoreMessage:
-    """Write ``message`` durably, then call :meth:`Hub.message_stored`."""
-
-    message: StoredMessage
-    seq: int
-    conn: int
-    req_id: RequestId
-
-
-@attrs.define
-class StoreReceipt:
-    """Record that ``by`` received or read ``msg``, then call :meth:`Hub.receipt_stored`."""
-
-    msg: str
-    by: str
-    status: str
-    ts: int
-
-
-@attrs.define
-class FetchBacklog:
-    """Load ``user``'s unacknowledged messages, then call :meth:`Hub.backlog_loaded`."""
-
-    conn: int
-    user: str
-
-
-@attrs.define
-class SaveLastSeen:
-    user: str
-    ts: int
-
-
-@attrs.define
-class DropBacklog:
-    """A guest is gone: what it left unacknowledged is never offered to anyone."""
-
-    user: str
-    ts: int
-
-
-@attrs.define
-class AfterStored:
-    """Carry out ``effects`` once everything already sent to storage is stored: a broadcast
-    must not overtake the same sender's private messages (protocol.md "Order"). ``conn``
-    is the requester, whose connection stays open until then."""
-
-    conn: int
-    effects: list[Effect]
-
-
-@attrs.define
-class ToPeers:
-    """Send one peer message to each of ``servers`` (linked peers); encoded once."""
-
-    servers: list[str]
-    message: peerproto.PeerMessage
-
-
-@attrs.define
-class Close:
-    """Send ``bye`` to the connection and close it."""
-
-    conn: int
-    bye: messages.Bye
-
-
-Effect = (
-    Reply
-    | Deliver
-    | StoreMessage
-    | StoreReceipt
-    | FetchBacklog
-    | SaveLastSeen
-    | DropBacklog
-    | AfterStored
-    | ToPeers
-    | Close
-)
-
-# --- state ----------------------------------------------------------------------------
-
-
-@attrs.define
-class ConnEntry:
-    user: str
-    key: str
-    account: bool
-    auto_ack: bool  # text mode: a line shown to a person counts as received
-    backlog_pending: bool = False
-
-
-@attrs.define
-class OnlineUser:
-    name: str
-    account: bool
-    conns: set[int] = attrs.Factory(set)  # this server's connections
-    since: int = 0  # ms, when the first of them logged in (guest name conflicts)
-    remote: dict[str, peerproto.SessionInfo] = attrs.Factory(dict)  # other servers' sessions
-
-    def servers(self, me: str) -> list[str]:
-        local = [me] if self.conns else []
-        return sorted([*local, *self.remote])
-
-
-@attrs.define
-class Seen:
-    name: str
-    account: bool
-    last_seen: int | None
-
-
-class Hub:
+class Hub(MeshRouting):
     """The routing core of one server.
 
     Args:
@@ -361,28 +243,6 @@ class Hub:
                 return [Close(conn, messages.Bye("logout", "logged out; goodbye"))]
         raise ProtocolError(errors.UNKNOWN_TYPE, f"{request.TYPE} is not served here")
 
-    def _receipt(self, msg: str, by: str, status: str, now: int) -> list[Effect]:
-        """A receipt is recorded where the message is stored: the server its id names."""
-        origin = msg.partition(":")[0]
-        if origin == self.server:
-            return [StoreReceipt(msg, by, status, now)]
-        if origin in self.peers:
-            return [ToPeers([origin], peerproto.PeerReceipt(msg, status, by, now))]
-        return []  # its server is not reachable now; receipts are best effort for now
-
-    def _typing(self, sender: str, to: str) -> list[Effect]:
-        target = self.online.get(name_key(to)) if is_valid_name(to) else None
-        if target is None:
-            return []  # typing notices are best effort: nobody to tell
-        effects: list[Effect] = []
-        if target.conns:
-            effects.append(Deliver(sorted(target.conns), messages.Typing(sender)))
-        if target.remote:
-            effects.append(
-                ToPeers(sorted(target.remote), peerproto.PeerTyping(sender, target.name))
-            )
-        return effects
-
     def _check_text(self, text: str) -> None:
         if len(text) > self._max_text:
             raise ProtocolError(
@@ -458,18 +318,6 @@ class Hub:
             effects += self._relay(server, stored)
         return effects
 
-    def _relay(self, server: str, stored: StoredMessage) -> list[Effect]:
-        """Hand a stored message to the server the recipient is on; kept until acknowledged
-        and sent again if the link drops first (protocol.md "Relay")."""
-        relay = peerproto.Relay(stored.msg, stored.sender, stored.to, stored.text, stored.ts)
-        pending = self._pending_relays.setdefault(server, OrderedDict())
-        pending[stored.msg] = relay
-        while len(pending) > MAX_PENDING_RELAYS:
-            pending.popitem(last=False)
-        if server not in self.peers:
-            return []
-        return [ToPeers([server], relay)]
-
     def _deliver_private(
         self, conns: list[int], batch: list[StoredMessage], now: int | None
     ) -> list[Effect]:
@@ -504,155 +352,6 @@ class Hub:
         if target.remote:
             notice = peerproto.ReceiptNotice(msg, target.name, status, by, ts)
             effects.append(ToPeers(sorted(target.remote), notice))
-        return effects
-
-    # --- the mesh -----------------------------------------------------------------
-
-    def _tell_peers(self, user: OnlineUser, *, online: bool) -> list[Effect]:
-        """A user came online on, or left, this server: one small delta to each peer."""
-        self._presence_seq += 1
-        if not self.peers:
-            return []
-        change = peerproto.SessionChange(
-            self.boot, self._presence_seq, user.name, online, user.account, user.since
-        )
-        return [ToPeers(sorted(self.peers), change)]
-
-    def _snapshot(self) -> peerproto.Snapshot:
-        sessions = [
-            peerproto.SessionInfo(u.name, u.account, u.since)
-            for u in self.online.values()
-            if u.conns
-        ]
-        return peerproto.Snapshot(self.boot, self._presence_seq, sessions)
-
-    def peer_up(self, server: str, now: int) -> list[Effect]:
-        """A link to ``server`` is up: send it our sessions and what it has not acknowledged."""
-        self.peers.add(server)
-        effects: list[Effect] = [ToPeers([server], self._snapshot())]
-        for relay in self._pending_relays.get(server, {}).values():
-            effects.append(ToPeers([server], relay))
-        return effects
-
-    def peer_down(self, server: str, now: int) -> list[Effect]:
-        """The link to ``server`` is gone: its users are offline here until it is back."""
-        self.peers.discard(server)
-        self._remote_versions.pop(server, None)
-        return self._replace_sessions(server, [], now)
-
-    def peer_message(self, server: str, message: peerproto.PeerMessage, now: int) -> list[Effect]:
-        """A message from the linked peer ``server`` (already validated by peerproto)."""
-        match message:
-            case peerproto.Snapshot(boot=boot, seq=seq, sessions=sessions):
-                if not self._newer(server, boot, seq, snapshot=True):
-                    return []
-                return self._replace_sessions(server, sessions, now)
-            case peerproto.SessionChange():
-                if not self._newer(server, message.boot, message.seq, snapshot=False):
-                    return []
-                info = peerproto.SessionInfo(message.user, message.account, message.since)
-                return self._set_session(
-                    server, info if message.online else None, message.user, now
-                )
-            case peerproto.Relay():
-                return self._relayed(server, message, now)
-            case peerproto.RelayAck(msgs=msgs):
-                pending = self._pending_relays.get(server, OrderedDict())
-                for msg in msgs:
-                    pending.pop(msg, None)
-                return []
-            case peerproto.PeerBroadcast(msg=msg, sender=sender, text=text, ts=ts):
-                event = messages.Message(msg, sender, BROADCAST_TO, text, ts)
-                return [Deliver(self._all_conns(), event)]
-            case peerproto.PeerReceipt(msg=msg, status=status, by=by, ts=ts):
-                if msg.partition(":")[0] != self.server or status not in ("delivered", "read"):
-                    return []
-                return [StoreReceipt(msg, by, status, ts)]
-            case peerproto.ReceiptNotice(msg=msg, sender=sender, status=status, by=by, ts=ts):
-                target = self.online.get(name_key(sender))
-                if target is None or not target.conns:
-                    return []
-                return [Deliver(sorted(target.conns), messages.Receipt(msg, status, by, ts))]
-            case peerproto.PeerTyping(sender=sender, to=to):
-                target = self.online.get(name_key(to))
-                if target is None or not target.conns:
-                    return []
-                return [Deliver(sorted(target.conns), messages.Typing(sender))]
-        return []  # membership and link messages are the shell's (peers.py)
-
-    def _newer(self, server: str, boot: str, seq: int, *, snapshot: bool) -> bool:
-        """Versioning: a stale or repeated update never overwrites a newer one. A snapshot
-        starts a version line (a restarted server has a new boot); deltas must follow it."""
-        known = self._remote_versions.get(server)
-        if snapshot:
-            ok = known is None or known[0] != boot or seq >= known[1]
-        else:
-            ok = known is not None and known[0] == boot and seq > known[1]
-        if ok:
-            self._remote_versions[server] = (boot, seq)
-        return ok
-
-    def _replace_sessions(
-        self, server: str, sessions: list[peerproto.SessionInfo], now: int
-    ) -> list[Effect]:
-        wanted = {name_key(s.user): s for s in sessions}
-        effects: list[Effect] = []
-        for key, user in list(self.online.items()):
-            if server in user.remote and key not in wanted:
-                effects += self._set_session(server, None, user.name, now)
-        for info in sessions:
-            effects += self._set_session(server, info, info.user, now)
-        return effects
-
-    def _set_session(
-        self, server: str, info: peerproto.SessionInfo | None, name: str, now: int
-    ) -> list[Effect]:
-        """Record that ``name`` is (info) or is not (None) online on ``server``."""
-        key = name_key(name)
-        user = self.online.get(key)
-        if user is None:
-            if info is None:
-                return []
-            user = self.online[key] = OnlineUser(info.user, info.account)
-            self._gone_guests.pop(key, None)
-        before = user.servers(self.server)
-        if info is None:
-            user.remote.pop(server, None)
-        else:
-            user.remote[server] = info
-        effects = self._presence_changed(key, before, now)
-        if info is not None and user.conns and self._loses_name(user, server, info):
-            effects += self._kick_name_holder(user)
-        return effects
-
-    def _loses_name(self, user: OnlineUser, server: str, remote: peerproto.SessionInfo) -> bool:
-        """Whether our guest must give up its name to ``remote`` (protocol.md "Name
-        conflicts"): an account always wins; between guests, the earlier login, and on a
-        tie the server whose name sorts first. Every server decides the same way."""
-        if user.account:
-            return False
-        if remote.account:
-            return True
-        return (remote.since, server) < (user.since, self.server)
-
-    def _kick_name_holder(self, user: OnlineUser) -> list[Effect]:
-        effects: list[Effect] = []
-        why = f"{user.name} was also taken on another server, earlier; log in with another name"
-        for conn in sorted(user.conns):
-            effects.append(Reply(conn, messages.Error(errors.NAME_TAKEN, why)))
-            effects.append(Close(conn, messages.Bye("name_taken", why)))
-        return effects
-
-    def _relayed(self, server: str, relay: peerproto.Relay, now: int) -> list[Effect]:
-        effects: list[Effect] = [ToPeers([server], peerproto.RelayAck([relay.msg]))]
-        target = self.online.get(name_key(relay.to))
-        if target is None or not target.conns:
-            return effects  # gone meanwhile: its server keeps it (stored there)
-        event = messages.Message(relay.msg, relay.sender, relay.to, relay.text, relay.ts)
-        conns = sorted(target.conns)
-        effects.append(Deliver(conns, event))
-        if any(self.conns[c].auto_ack for c in conns):
-            effects += self._receipt(relay.msg, target.name, "delivered", now)
         return effects
 
     # --- views --------------------------------------------------------------------
