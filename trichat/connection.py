@@ -19,6 +19,8 @@ from trichat.session import Session
 
 log = logging.getLogger(__name__)
 
+EARLY_FLUSH_BYTES = 32768
+
 
 class Connection:
     """A client connection.
@@ -60,6 +62,11 @@ class Connection:
 
     def send_bytes(self, data: bytes) -> None:
         """Queue bytes already encoded; drops the connection if it is too slow to read."""
+        if self.outbox.queued_bytes >= EARLY_FLUSH_BYTES and self.dirty:
+            # Much is queued in this pass already (a burst from many clients): hand it to
+            # the kernel now, so that the outbox limit counts only what the reader has not
+            # taken, never what we had not yet tried to write.
+            self.flush()
         try:
             self.outbox.put(data)
         except SlowConsumer as exc:
@@ -74,7 +81,10 @@ class Connection:
             self._on_dirty(self)
 
     def flush(self) -> None:
-        """Write what is queued now if the kernel takes it; else leave it to the writer."""
+        """Write what is queued now if the kernel takes it; else leave it to the writer.
+
+        The connection may stay on the flusher's list; flushing it again there is harmless.
+        """
         self.dirty = False
         if self.raw_socket is None or self.outbox.writer_busy or self.closing:
             self.outbox.wake_writer()
