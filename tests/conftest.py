@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 
+from trichat import server
 from trichat.config import Settings
-from trichat.hub import Hub
 from trichat.service import ChatService
-from trichat.store import Database, Store
+from trichat.store import Database
 
 SettingsFactory = Callable[..., Settings]
 ServiceFactory = Callable[..., Awaitable[ChatService]]
@@ -42,17 +42,7 @@ def make_settings(tmp_path: Path) -> SettingsFactory:
 def build_service(settings: Settings) -> tuple[ChatService, Database]:
     """A chat service over a fresh (or existing) database, as run_server builds it."""
     db = Database(settings.data)
-    hub = Hub(
-        settings.name,
-        accounts=db.accounts(),
-        next_seq=db.next_seq(),
-        incarnation=db.incarnation,
-        max_text_chars=settings.max_text_chars,
-        users_page_size=settings.users_page_size,
-        remembered_guests=settings.remembered_guests,
-    )
-    store = Store(db, batch_max=settings.store_batch_max, queue_max=settings.store_queue_max)
-    return ChatService(settings, hub, store), db
+    return server.build_service(settings, db), db
 
 
 @pytest.fixture

@@ -43,11 +43,18 @@ def _strict(kind: type, name: str) -> Any:
     return hook
 
 
-def _make_converter() -> cattrs.Converter:
+def strict_converter() -> cattrs.Converter:
+    """A converter that takes no coercion: ``{"text": 5}`` or ``true`` as an integer fail
+    (cattrs coerces primitives by default). The peer protocol uses one too."""
     conv = cattrs.Converter(detailed_validation=False)
     conv.register_structure_hook(str, _strict(str, "a string"))
     conv.register_structure_hook(int, _strict(int, "an integer"))
     conv.register_structure_hook(bool, _strict(bool, "true or false"))
+    return conv
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = strict_converter()
     for cls in REQUEST_TYPES.values():
         conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv))
     return conv

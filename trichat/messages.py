@@ -7,6 +7,7 @@ field is ``sender`` here and renamed on the wire by codec.py.
 
 from __future__ import annotations
 
+import typing
 from typing import ClassVar
 
 import attrs
@@ -103,21 +104,9 @@ Request = (
     | HelpRequest
 )
 
+# HelpRequest is text mode's alone: JSON can't ask for it.
 REQUEST_TYPES: dict[str, type[Request]] = {
-    cls.TYPE: cls
-    for cls in (
-        RegisterRequest,
-        LoginRequest,
-        SendRequest,
-        BroadcastRequest,
-        ReceivedRequest,
-        ReadRequest,
-        TypingRequest,
-        UsersRequest,
-        StatusRequest,
-        PingRequest,
-        LogoutRequest,
-    )
+    cls.TYPE: cls for cls in typing.get_args(Request) if cls is not HelpRequest
 }
 
 # Requests a connection may make before it has logged in (contract "Before login").
@@ -245,17 +234,4 @@ Event = (
     | HelpText
 )
 
-EVENT_CLASSES: tuple[type[Event], ...] = (
-    Welcome,
-    Sent,
-    Message,
-    Receipt,
-    Presence,
-    Users,
-    Status,
-    Typing,
-    Pong,
-    Error,
-    Bye,
-    HelpText,
-)
+EVENT_CLASSES: tuple[type[Event], ...] = typing.get_args(Event)

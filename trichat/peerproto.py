@@ -12,6 +12,7 @@ import enum
 import hashlib
 import hmac
 import secrets
+import typing
 from typing import Any, ClassVar, Final
 
 import attrs
@@ -19,6 +20,7 @@ import cattrs
 import orjson
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from trichat.codec import strict_converter
 from trichat.framing import NEED_DATA, TOO_LONG, LineFramer
 from trichat.names import is_valid_name
 
@@ -185,40 +187,11 @@ PeerMessage = (
     | Ping
 )
 
-PEER_TYPES: Final[dict[str, type[Any]]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        Auth,
-        Accept,
-        Refuse,
-        Members,
-        Snapshot,
-        SessionChange,
-        Relay,
-        RelayAck,
-        PeerBroadcast,
-        PeerReceipt,
-        ReceiptNotice,
-        PeerTyping,
-        Ping,
-    )
-}
-
-
-def _strict(kind: type) -> Any:
-    def hook(value: Any, _: Any) -> Any:
-        if type(value) is not kind:
-            raise TypeError(f"expected {kind.__name__}")
-        return value
-
-    return hook
+PEER_TYPES: Final[dict[str, type[Any]]] = {cls.TYPE: cls for cls in typing.get_args(PeerMessage)}
 
 
 def _converter() -> cattrs.Converter:
-    conv = cattrs.Converter(detailed_validation=False)
-    for kind in (str, int, bool):
-        conv.register_structure_hook(kind, _strict(kind))
+    conv = strict_converter()
     for cls in (Relay, PeerBroadcast, ReceiptNotice, PeerTyping):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, sender=override(rename="from"))

@@ -80,17 +80,8 @@ async def run_server(
             await listener.aclose()
         raise
     try:
-        hub = Hub(
-            settings.name,
-            accounts=db.accounts(),
-            next_seq=db.next_seq(),
-            incarnation=db.incarnation,
-            max_text_chars=settings.max_text_chars,
-            users_page_size=settings.users_page_size,
-            remembered_guests=settings.remembered_guests,
-        )
-        store = Store(db, batch_max=settings.store_batch_max, queue_max=settings.store_queue_max)
-        service = ChatService(settings, hub, store)
+        service = build_service(settings, db)
+        store = service.store
         async with trio.open_nursery() as storage:
             storage.start_soon(store.run)
             try:
@@ -99,6 +90,21 @@ async def run_server(
                 store.close()  # the writer finishes what is queued, then returns
     finally:
         db.close()
+
+
+def build_service(settings: Settings, db: Database) -> ChatService:
+    """The chat service over an open database: its routing core and storage queue."""
+    hub = Hub(
+        settings.name,
+        accounts=db.accounts(),
+        next_seq=db.next_seq(),
+        incarnation=db.incarnation,
+        max_text_chars=settings.max_text_chars,
+        users_page_size=settings.users_page_size,
+        remembered_guests=settings.remembered_guests,
+    )
+    store = Store(db, batch_max=settings.store_batch_max, queue_max=settings.store_queue_max)
+    return ChatService(settings, hub, store)
 
 
 @attrs.frozen
