@@ -156,15 +156,21 @@ def test_several_too_long_lines_are_each_reported_in_order() -> None:
     assert feed_all(8, data) == [TOO_LONG, b"ok1", TOO_LONG, TOO_LONG, b"ok2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LineFramer._trim_overlong recurses once per too-long line in one read; "
-    "many short too-long lines in one chunk raise RecursionError",
-)
 def test_thousands_of_too_long_lines_in_one_read_do_not_crash() -> None:
+    # _trim_overlong is a loop: one read of many short overlong lines must not recurse.
     framer = LineFramer(1)
     framer.feed(b"xxx\n" * 5000)
+    assert framer.buffered_bytes <= 2
     assert drain(framer) == [TOO_LONG] * 5000
+
+
+def test_overlong_lines_between_good_ones_in_one_read_keep_their_order() -> None:
+    framer = LineFramer(4)
+    framer.feed(b"ok\n" + b"longer\n" * 3000 + b"end\n" + b"tail-unfinished")
+    assert drain(framer) == [b"ok", *[TOO_LONG] * 3000, b"end", TOO_LONG]
+    assert framer.buffered_bytes == 0  # the unfinished overlong tail is being discarded
+    framer.feed(b"...still\nnext\n")
+    assert drain(framer) == [b"next"]
 
 
 def test_limit_must_be_positive() -> None:

@@ -212,6 +212,97 @@ def test_rate_limited_carries_the_id_of_a_json_line() -> None:
     assert [i.req_id for i in items[1:]] == ["p2", 7, None, None]  # type: ignore[union-attr]
 
 
+def test_acknowledgements_cost_a_tenth_of_a_request() -> None:
+    # protocol.md "Flood control": received and read cost 0.1, so a client that
+    # acknowledges a backlog at once is not taken for a flooder.
+    session = make_session(rate=1, burst=10, strikes=10)
+    session.logged_in("bob")
+    ack = b'{"type":"received","msg":"s1:x:1"}\n'
+    items = lines_in(session, ack * 100, now=0.0)
+    assert codes(items) == ["Incoming"] * 100
+    assert codes(lines_in(session, ack, now=0.0)) == ["rate_limited"]
+    assert codes(lines_in(session, ack, now=0.1)) == ["Incoming"]  # a tenth back
+
+
+def test_ten_acknowledgements_cost_one_request() -> None:
+    session = make_session(rate=1, burst=10, strikes=10)
+    session.logged_in("bob")
+    read = b'{"type":"read","msg":"s1:x:1"}\n'
+    ping = b'{"type":"ping"}\n'
+    assert codes(lines_in(session, read * 10 + ping * 9, now=0.0)) == ["Incoming"] * 19
+    assert codes(lines_in(session, ping + read, now=0.0)) == ["rate_limited", "rate_limited"]
+
+
+def test_an_acknowledgement_before_login_costs_a_tenth_too() -> None:
+    session = make_session(rate=1, burst=1, strikes=20)
+    items = lines_in(session, b'{"type":"received","msg":"m","id":1}\n' * 10, now=0.0)
+    assert codes(items) == ["not_logged_in"] * 10
+    assert codes(lines_in(session, b'{"type":"received","msg":"m","id":2}\n')) == ["rate_limited"]
+
+
+def test_lines_that_fail_to_parse_cost_a_whole_request() -> None:
+    session = make_session(rate=1, burst=1, strikes=10)
+    session.logged_in("bob")
+    # A "received" without its msg is not an acknowledgement: it costs 1, not 0.1.
+    items = lines_in(session, b'{"type":"received"}\n{"type":"received","msg":"m"}\n')
+    assert codes(items) == ["bad_request", "rate_limited"]
+    for bad, code in [
+        (b"{nope\n", errors.BAD_JSON),
+        (b"/dance\n", errors.UNKNOWN_TYPE),
+        (b"\xc3\x28\n", errors.BAD_JSON),
+        (b'{"type":"nope"}\n', errors.UNKNOWN_TYPE),
+    ]:
+        session = make_session(rate=1, burst=1, strikes=10)
+        assert codes(lines_in(session, bad * 2)) == [code, "rate_limited"], bad
+
+
+def test_rate_limited_echoes_the_id_of_a_line_that_fails_to_parse() -> None:
+    session = make_session(rate=1, burst=1, strikes=10)
+    lines_in(session, b'{"type":"ping"}\n')
+    items = lines_in(
+        session,
+        b'{"type":"send","to":"ann","id":"s1"}\n{"type":"frob","id":2}\n{"type":"ping","id":true}\n',
+    )
+    assert codes(items) == ["rate_limited"] * 3
+    assert [i.req_id for i in items] == ["s1", 2, None]  # type: ignore[union-attr]
+
+
+def test_telnet_commands_are_removed_from_every_line() -> None:
+    session = make_session()
+    lines_in(session, b"/login bob\r\n")
+    session.logged_in("bob")
+    # IAC IP (Ctrl-C) and IAC NOP in the middle of later lines, JSON ones included.
+    assert lines_in(session, b"/msg ann h\xff\xf4i\r\n") == [
+        Incoming(messages.SendRequest("ann", "hi"), None)
+    ]
+    assert lines_in(session, b'{"type":"ping",\xff\xf1"id":1}\n') == [
+        Incoming(messages.PingRequest(), 1)
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (minor): TokenBucket keeps tokens as a float and acknowledgements subtract 0.1, "
+    "which binary floating point can't hold exactly: from a bucket of 2 (e.g. --rate-limit 1 "
+    "--rate-burst-s 2) only 19 acknowledgements pass, not 20, and after 10 of them a "
+    "request is refused (0.9999999999999992 tokens left); with the defaults (burst 100), 50 "
+    "requests then 500 acknowledgements: the 500th is refused; count tenths as integers",
+)
+def test_ten_acknowledgements_cost_exactly_one_request_whatever_the_burst() -> None:
+    ack = b'{"type":"received","msg":"s1:x:1"}\n'
+    for burst in (1, 2, 3, 5, 10):
+        session = make_session(rate=1, burst=burst, strikes=1000)
+        session.logged_in("bob")
+        assert codes(lines_in(session, ack * 10)) == ["Incoming"] * 10, burst
+        assert codes(lines_in(session, b"/ping\n" * (burst - 1))) == ["Incoming"] * (burst - 1)
+        session = make_session(rate=1, burst=burst, strikes=1000)
+        assert codes(lines_in(session, ack * 10 * burst)).count("not_logged_in") == 10 * burst
+    session = make_session(rate=20, burst=100, strikes=1000)  # the defaults
+    session.logged_in("bob")
+    assert codes(lines_in(session, b"/ping\n" * 50)) == ["Incoming"] * 50
+    assert codes(lines_in(session, ack * 500)) == ["Incoming"] * 500
+
+
 def test_a_closed_session_reads_nothing() -> None:
     session = make_session()
     session.close()
@@ -222,6 +313,8 @@ def test_a_closed_session_reads_nothing() -> None:
 
 RATE, BURST, STRIKES = 2.0, 2.0, 4
 ANONYMOUS_OK = {"register", "login", "ping", "help", "logout"}
+TENTHS = 10  # the model counts tokens in tenths, exactly: acknowledgements cost one
+ACK_TYPES = {"received", "read"}
 
 # (JSON body or None, text command or None, the request both mean)
 REQUESTS: list[tuple[dict[str, Any] | None, str | None, messages.Request]] = [
@@ -244,30 +337,44 @@ REQUESTS: list[tuple[dict[str, Any] | None, str | None, messages.Request]] = [
     ({"type": "logout"}, "/quit", messages.LogoutRequest()),
     (None, "/help", messages.HelpRequest()),
     ({"type": "received", "msg": "m1"}, None, messages.ReceivedRequest("m1")),
+    ({"type": "read", "msg": "m1"}, None, messages.ReadRequest("m1")),
     ({"type": "typing", "to": "ann"}, None, messages.TypingRequest("ann")),
 ]
-GARBAGE: list[tuple[bytes, str]] = [
-    (b"{nope", errors.BAD_JSON),
-    (b'{"type": "help"}', errors.UNKNOWN_TYPE),
-    (b'{"type": "send", "to": "ann"}', errors.BAD_REQUEST),
-    (b"[1, 2]", errors.UNKNOWN_TYPE),  # not "{": a text line, and not a command
-    (b"hello there", errors.UNKNOWN_TYPE),
-    (b"/dance", errors.UNKNOWN_TYPE),
-    (b"/msg ann", errors.BAD_REQUEST),
-    (b"\xc3\x28 broken utf-8", errors.BAD_JSON),
+# (line, the error, the id it echoes)
+GARBAGE: list[tuple[bytes, str, Any]] = [
+    (b"{nope", errors.BAD_JSON, None),
+    (b'{"type": "help"}', errors.UNKNOWN_TYPE, None),
+    (b'{"type": "help", "id": "h"}', errors.UNKNOWN_TYPE, "h"),
+    (b'{"type": "send", "to": "ann"}', errors.BAD_REQUEST, None),
+    (b'{"type": "received", "id": 4}', errors.BAD_REQUEST, 4),  # not an ack: costs 1
+    (b'{"type": "ping", "id": 1.5}', errors.BAD_REQUEST, None),
+    (b"[1, 2]", errors.UNKNOWN_TYPE, None),  # not "{": a text line, and not a command
+    (b"hello there", errors.UNKNOWN_TYPE, None),
+    (b"/dance", errors.UNKNOWN_TYPE, None),
+    (b"/msg ann", errors.BAD_REQUEST, None),
+    (b"\xc3\x28 broken utf-8", errors.BAD_JSON, None),
 ]
 TELNET_PREFIXES = [b"", b"", b"\xff\xfb\x01", b"\xff\xfd\x03\xff\xfb\x18", b"  "]
 BLANKS = [b"", b"   ", b"\t", b"\xff\xfb\x01", b"\xff\xfd\x01 \xff\xfe\x03"]
 
 
 class SessionMachine(RuleBasedStateMachine):
-    """Random lines against a model of the rules: login state, mode, tokens and strikes."""
+    """Random lines against a model of the rules: login state, mode, tokens and strikes.
+
+    Tokens are charged once a line is parsed: 1 for a request, 0.1 for ``received`` and
+    ``read``, 1 for a line that fails to parse or is too long (protocol.md "Flood control").
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
         self.session = make_session(rate=RATE, burst=BURST, strikes=STRIKES)
-        self.tokens = BURST
+        self.tokens = int(BURST * TENTHS)
+        # Whether the session's float bucket may be a hair off the exact count (see the
+        # xfail test above): tenths were spent since it was last full, or the clock moved by
+        # a time binary floating point can't hold (0.05 s) and stays inexact from then on.
+        self.inexact = False
+        self.clock_inexact = False
         self.strikes = 0
         self.closed = False
         self.logged_in = False
@@ -280,14 +387,19 @@ class SessionMachine(RuleBasedStateMachine):
         items = lines_in(self.session, raw[:cut], self.now)
         return items + lines_in(self.session, raw[cut:], self.now)
 
-    def budget(self, items: list[Inbound], req_id: Any = None) -> Inbound | None:
+    def budget(self, items: list[Inbound], cost: int, req_id: Any = None) -> Inbound | None:
         """Check what flood control did with one counted line; the item if it passed."""
         if self.closed:
             assert items == []
             return None
         [item] = items
-        if self.tokens >= 1:
-            self.tokens -= 1
+        refused = isinstance(item, Kick) or (
+            isinstance(item, Refused) and item.event.code == errors.RATE_LIMITED
+        )
+        if self.tokens > cost or (self.tokens == cost and not (self.inexact and refused)):
+            assert not refused, (self.tokens, cost)
+            self.tokens -= cost
+            self.inexact = self.inexact or cost % TENTHS != 0
             self.strikes = 0
             return item
         self.strikes += 1
@@ -300,8 +412,9 @@ class SessionMachine(RuleBasedStateMachine):
         return None
 
     def first_line(self, content: bytes) -> None:
-        if self.mode is Mode.UNDECIDED:
-            self.mode = Mode.JSON if content.startswith(b"{") else Mode.TEXT
+        # The first non-blank line decides the mode, whether or not it is over budget.
+        if self.mode is Mode.UNDECIDED and not self.closed:
+            self.mode = Mode.JSON if content.strip().startswith(b"{") else Mode.TEXT
 
     @rule(data=st.data(), index=st.integers(0, len(REQUESTS) - 1), as_json=st.booleans())
     def request(self, data: st.DataObject, index: int, as_json: bool) -> None:
@@ -313,11 +426,12 @@ class SessionMachine(RuleBasedStateMachine):
         else:
             assert command is not None
             content = command.encode()
-        item = self.budget(self.send_line(data, content), req_id)
+        kind = expected.TYPE
+        self.first_line(content)
+        cost = 1 if kind in ACK_TYPES else TENTHS
+        item = self.budget(self.send_line(data, content), cost, req_id)
         if item is None:
             return
-        self.first_line(content)
-        kind = expected.TYPE
         refusal = None
         if self.logged_in and kind in ("login", "register"):
             refusal = errors.ALREADY_LOGGED_IN
@@ -333,28 +447,36 @@ class SessionMachine(RuleBasedStateMachine):
                 self.logged_in = True
 
     @rule(data=st.data(), garbage=st.sampled_from(GARBAGE))
-    def garbage(self, data: st.DataObject, garbage: tuple[bytes, str]) -> None:
-        content, code = garbage
-        item = self.budget(self.send_line(data, content))
+    def garbage(self, data: st.DataObject, garbage: tuple[bytes, str, Any]) -> None:
+        content, code, req_id = garbage
+        self.first_line(content)
+        item = self.budget(self.send_line(data, content), TENTHS, req_id)
         if item is not None:
-            self.first_line(content)
-            assert isinstance(item, Refused) and item.event.code == code
+            assert isinstance(item, Refused)
+            assert (item.event.code, item.req_id) == (code, req_id)
 
     @rule(data=st.data(), size=st.integers(LIMIT + 1, 4 * LIMIT), start=st.sampled_from(b"{/x"))
     def too_long(self, data: st.DataObject, size: int, start: int) -> None:
         content = bytes([start]) + b"z" * (size - 1)
-        item = self.budget(self.send_line(data, content))
+        item = self.budget(self.send_line(data, content), TENTHS)
         if item is not None:  # a line never seen whole decides no mode
             assert isinstance(item, Refused) and item.event.code == errors.LINE_TOO_LONG
+            assert item.req_id is None
 
     @rule(data=st.data(), blank=st.sampled_from(BLANKS))
     def blank(self, data: st.DataObject, blank: bytes) -> None:
         assert self.send_line(data, blank) == []
 
-    @rule(seconds=st.sampled_from([0.0, 0.25, 0.5, 1.0, 5.0]))
+    @rule(seconds=st.sampled_from([0.0, 0.05, 0.25, 0.5, 1.0, 5.0]))
     def wait(self, seconds: float) -> None:
         self.now += seconds
-        self.tokens = min(BURST, self.tokens + seconds * RATE)
+        full = int(BURST * TENTHS)
+        refill = self.tokens + round(seconds * RATE * TENTHS)
+        self.clock_inexact = self.clock_inexact or seconds * 4 != int(seconds * 4)
+        if refill > full:
+            self.inexact = False  # capped: the session's bucket is exactly full too
+        self.inexact = self.inexact or self.clock_inexact
+        self.tokens = min(full, refill)
 
     @invariant()
     def state_matches(self) -> None:

@@ -151,11 +151,53 @@ def test_no_text_can_forge_a_line_or_send_control_codes(text: str) -> None:
         assert 127 not in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): textmode._safe replaces C0 controls and DEL but not C1 controls "
-    "(U+0080-U+009F); U+009B is CSI and U+0085 is NEL on terminals that honour C1",
-)
+C1 = "".join(chr(c) for c in range(0x80, 0xA0))
+
+
+def is_control(ch: str) -> bool:
+    """What a terminal may obey: C0 (but tab and newline), DEL and C1 controls."""
+    return (ord(ch) < 32 and ch not in "\t\n") or 0x7F <= ord(ch) <= 0x9F
+
+
 def test_c1_control_characters_are_replaced_too() -> None:
     out = render(messages.Message("m", "mallory", "bob", "a\u009b2Jb\u0085c", 0)).decode()
     assert not any(0x80 <= ord(c) <= 0x9F for c in out)
+    assert "a?2Jb?c" in out
+    every_c1 = render(messages.Message("m", "mallory", "*", C1, 0)).decode()
+    assert every_c1.endswith("?" * len(C1) + "\r\n")
+
+
+def test_text_beyond_the_controls_is_kept() -> None:
+    # U+00A0 (no-break space) is the first character after C1: printable, kept as it is.
+    text = "\u00a0caf\u00e9 \u2603 \U0001f600\t!"
+    out = render(messages.Message("m", "ann", "bob", text, 0)).decode()
+    assert out.endswith(f"> {text}\r\n")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        # Errors quote what a client typed ("unknown command /nope<ESC>[2J").
+        messages.Error("unknown_type", "unknown command /nope\x1b[2J\u009b31m\r; try /help"),
+        messages.Bye("logout", "bye\x07\x7f"),
+        messages.Presence("x\x1b", True, server="s\u0085", servers=["s\u0085"]),
+        messages.Status("x\x1b", False, last_seen=0),
+        messages.Typing("\x1b]0;pwned\x07"),
+        messages.Receipt("m\x1b", "read", "by\u009b", 0),
+        messages.Sent("s1:\x1b:1", 0),
+        messages.Welcome("ann\x1b", "s\u009b", [messages.UserEntry("b\x00b", True, "s1")]),
+        messages.Users([messages.UserEntry("b\x1bb", True, "s\x9b")], next="x"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_controls_are_replaced_in_every_rendered_line(event: messages.Event) -> None:
+    out = render(event)
+    lines = assert_crlf_lines(out)
+    assert not any(is_control(ch) for ln in lines for ch in ln.decode())
+
+
+@given(st.text())
+def test_no_error_message_can_send_control_codes(text: str) -> None:
+    out = render(messages.Error("bad_request", text))
+    lines = assert_crlf_lines(out)
+    assert not any(is_control(ch) for ln in lines for ch in ln.decode())
