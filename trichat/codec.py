@@ -7,6 +7,7 @@ Must never: check names, lengths or login state; that is session.py's and hub.py
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -50,6 +51,18 @@ def strict_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, _strict(str, "a string"))
     conv.register_structure_hook(int, _strict(int, "an integer"))
     conv.register_structure_hook(bool, _strict(bool, "true or false"))
+
+    def is_list(kind: Any) -> bool:
+        return typing.get_origin(kind) is list
+
+    def strict_list(value: Any, kind: Any) -> list[Any]:
+        # cattrs' own list hook takes any iterable: "abc" would become ["a", "b", "c"].
+        if type(value) is not list:
+            raise TypeError("must be a list")
+        (item,) = typing.get_args(kind)
+        return [conv.structure(v, item) for v in value]
+
+    conv.register_structure_hook_func(is_list, strict_list)
     return conv
 
 

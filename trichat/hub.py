@@ -91,6 +91,7 @@ class Hub(MeshRouting):
         self.online: dict[str, OnlineUser] = {}
         self._accounts: dict[str, Seen] = {name_key(n): Seen(n, True, seen) for n, seen in accounts}
         self._gone_guests: OrderedDict[str, Seen] = OrderedDict()
+        self._registering: set[str] = set()  # names whose account is being stored
         # The mesh (protocol.md "Peer links"): linked peers, the version of what each told
         # us about its sessions, and relays each has not acknowledged yet.
         self.boot = incarnation
@@ -120,20 +121,37 @@ class Hub(MeshRouting):
                 errors.AUTH_FAILED,
                 f"there is no account {name}: register it, or log in without a password",
             )
-        if not account and name_key(name) in self.online:
+        if not account and self._guest_name_taken(name_key(name)):
             raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use; pick another name")
         return account
+
+    def _guest_name_taken(self, key: str) -> bool:
+        return key in self.online or key in self._registering
 
     def check_register(self, name: str) -> None:
         """Raises ``bad_name`` or ``name_taken`` before the password is hashed."""
         check_name(name)
-        if self.is_account(name) or name_key(name) in self.online:
+        if self.is_account(name) or self._guest_name_taken(name_key(name)):
             raise ProtocolError(errors.NAME_TAKEN, f"{name} is taken; pick another name")
+
+    def reserve(self, name: str) -> None:
+        """Hold ``name`` while its registration is hashed and stored: no guest may take it
+        in between (call :meth:`add_account` or :meth:`release` after).
+
+        Raises:
+            ProtocolError: ``bad_name`` or ``name_taken``.
+        """
+        self.check_register(name)
+        self._registering.add(name_key(name))
+
+    def release(self, name: str) -> None:
+        self._registering.discard(name_key(name))
 
     def add_account(self, name: str) -> None:
         """A new account was stored."""
         self._accounts[name_key(name)] = Seen(name, True, None)
         self._gone_guests.pop(name_key(name), None)
+        self.release(name)
 
     def login(
         self, conn: int, name: str, *, auto_ack: bool, now: int, req_id: RequestId
@@ -148,8 +166,11 @@ class Hub(MeshRouting):
         if account:
             name = self._accounts[key].name
         user = self.online.get(key)
-        if user is not None and not account:
+        if not account and self._guest_name_taken(key):
             raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use; pick another name")
+        if account and user is not None and user.conns and not user.account:
+            # Never share an online entry with a guest of the same name (its mail would mix).
+            raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use by a guest right now")
         entry = ConnEntry(name, key, account, auto_ack, backlog_pending=account)
         self.conns[conn] = entry
         if user is None:

@@ -30,6 +30,8 @@ class TokenBucket:
             self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
             self._stamp = now
         if self._tokens >= cost:
-            self._tokens -= cost
+            # Rounded so that ten acknowledgements (0.1 each) cost exactly one request:
+            # 0.1 has no exact binary form, and the error would otherwise accumulate.
+            self._tokens = round(self._tokens - cost, 9)
             return True
         return False

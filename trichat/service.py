@@ -33,6 +33,7 @@ from trichat.hub import (
     StoreMessage,
     StoreReceipt,
     ToPeers,
+    check_name,
 )
 from trichat.messages import (
     Bye,
@@ -218,19 +219,23 @@ class ChatService:
         self._logged_in(conn, req.user, req_id)
 
     async def _register(self, conn: Connection, req: RegisterRequest, req_id: RequestId) -> None:
-        self.hub.check_register(req.user)
         s = self.settings
+        check_name(req.user)
         if not s.min_password_chars <= len(req.password) <= s.max_password_chars:
             raise ProtocolError(
                 errors.WEAK_PASSWORD,
                 f"a password needs {s.min_password_chars} to {s.max_password_chars} characters",
             )
-        pw_hash = await trio.to_thread.run_sync(
-            passwords.hash_password, req.password, limiter=self._password_limiter
-        )
-        self.hub.check_register(req.user)  # hashing took a while: is the name still free?
-        if not await self._call_store(CreateAccount(req.user, pw_hash, now_ms())):
-            raise ProtocolError(errors.NAME_TAKEN, f"{req.user} is taken; pick another name")
+        self.hub.reserve(req.user)
+        try:
+            pw_hash = await trio.to_thread.run_sync(
+                passwords.hash_password, req.password, limiter=self._password_limiter
+            )
+            if not await self._call_store(CreateAccount(req.user, pw_hash, now_ms())):
+                raise ProtocolError(errors.NAME_TAKEN, f"{req.user} is taken; pick another name")
+        except BaseException:
+            self.hub.release(req.user)
+            raise
         self.hub.add_account(req.user)
         log.info("account %s registered", req.user)
         self._logged_in(conn, req.user, req_id)

@@ -384,14 +384,14 @@ _ROWS_PER_STATEMENT: Final = 500  # 10 parameters a row, under SQLite's 32766
 _DELIVERED_SQL: Final = (
     "UPDATE messages SET delivered_at = v.column3 FROM (VALUES {values}) AS v "
     "WHERE messages.msg = v.column1 AND messages.recipient_key = v.column2 "
-    "AND messages.delivered_at IS NULL "
+    "AND messages.delivered_at IS NULL AND messages.dropped_at IS NULL "
     "RETURNING messages.msg, messages.recipient_key, messages.sender"
 )
 _READ_SQL: Final = (
     "UPDATE messages SET read_at = v.column3, "
     "delivered_at = coalesce(messages.delivered_at, v.column3) FROM (VALUES {values}) AS v "
     "WHERE messages.msg = v.column1 AND messages.recipient_key = v.column2 "
-    "AND messages.read_at IS NULL "
+    "AND messages.read_at IS NULL AND messages.dropped_at IS NULL "
     "RETURNING messages.msg, messages.recipient_key, messages.sender"
 )
 

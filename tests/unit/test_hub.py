@@ -423,18 +423,10 @@ def test_only_a_guests_last_leaving_drops_its_backlog_and_accounts_never() -> No
     assert hub.disconnect(4, T0 + 3)[0] == DropBacklog("Gus", T0 + 3)  # as the guest typed it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ChatService._register awaits CreateAccount after its last check_register; "
-    "a guest login served meanwhile takes the name, and Hub.login then puts the new "
-    "account's connection into the guest's OnlineUser (its name_taken check only looks at "
-    "guests): the account's private messages are delivered to the guest, and when the "
-    "guest's connection is the last to leave, DropBacklog drops the account's unread ones",
-)
 def test_a_guest_that_takes_the_name_while_it_is_being_registered_gets_none_of_its_mail() -> None:
     hub = make_hub()
     ready(hub, 1, "ann")
-    hub.check_register("bob")  # register bob: the name is free; hashing, then CreateAccount
+    hub.reserve("bob")  # register bob: the name is held while hashing, then CreateAccount
     try:  # meanwhile a guest logs in as bob
         hub.check_login("bob", None)
         hub.login(2, "bob", auto_ack=False, now=T0, req_id=None)

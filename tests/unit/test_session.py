@@ -280,14 +280,6 @@ def test_telnet_commands_are_removed_from_every_line() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): TokenBucket keeps tokens as a float and acknowledgements subtract 0.1, "
-    "which binary floating point can't hold exactly: from a bucket of 2 (e.g. --rate-limit 1 "
-    "--rate-burst-s 2) only 19 acknowledgements pass, not 20, and after 10 of them a "
-    "request is refused (0.9999999999999992 tokens left); with the defaults (burst 100), 50 "
-    "requests then 500 acknowledgements: the 500th is refused; count tenths as integers",
-)
 def test_ten_acknowledgements_cost_exactly_one_request_whatever_the_burst() -> None:
     ack = b'{"type":"received","msg":"s1:x:1"}\n'
     for burst in (1, 2, 3, 5, 10):

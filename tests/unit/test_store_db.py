@@ -382,14 +382,6 @@ def test_a_refused_registration_keeps_the_accounts_messages(db: Database) -> Non
     assert [m[0] for m in backlog(db, "alice")] == ["s1:x:1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): DiscardBacklog and CreateAccount mark a guest's unread messages "
-    "delivered but leave read_at empty, and MarkReceipt 'read' matches on recipient name "
-    "and read_at only; so whoever has the name later (a new guest, or the new account) can "
-    "send 'read' for a dropped message (ids are sequential) and its sender gets a 'read' "
-    "receipt for a message that was never delivered",
-)
 def test_a_dropped_message_can_not_be_acknowledged_later(db: Database) -> None:
     insert(db, 1, sender="ann", to="bob", text="for the guest bob")
     one(db, DiscardBacklog("bob", T0 + 1))  # the guest left without reading it
