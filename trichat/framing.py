@@ -43,6 +43,12 @@ class LineFramer:
         self._discarding = False
         self._too_long = 0
 
+    def set_limit(self, max_line_bytes: int) -> None:
+        """Change the limit for lines not yet complete (a peer link raises it once the peer
+        has proved who it is)."""
+        self._max = max_line_bytes
+        self._trim_overlong()
+
     @property
     def buffered_bytes(self) -> int:
         """How many bytes are held now (never more than max_line_bytes + 1)."""

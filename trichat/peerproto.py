@@ -26,6 +26,7 @@ from trichat.names import is_valid_name
 
 PEER_PROTOCOL_VERSION: Final = 1
 MAX_PEER_LINE_BYTES: Final = 4 * 1024 * 1024  # a snapshot page of 1000 sessions fits easily
+HANDSHAKE_LINE_BYTES: Final = 4096  # before a peer has proved it knows the secret
 HEARTBEAT_S: Final = 1.0  # a ping when nothing else was sent for this long
 PEER_TIMEOUT_S: Final = 4.0  # nothing heard for this long: the link is dead
 HANDSHAKE_TIMEOUT_S: Final = 5.0
@@ -328,7 +329,7 @@ class PeerLink:
         self._secret = secret
         self._nonce = nonce or secrets.token_hex(16)
         self._their_nonce = ""
-        self._framer = LineFramer(MAX_PEER_LINE_BYTES)
+        self._framer = LineFramer(HANDSHAKE_LINE_BYTES)
         self._started = now
         self._last_heard = now
         self._last_sent = now
@@ -445,14 +446,17 @@ class PeerLink:
         if not hmac.compare_digest(message.proof, expected):
             raise PeerError("the peer does not know the cluster secret")
         self._emit(Accept())
-        self.phase = Phase.UP
-        return [LinkUp(self.peer, self.peer_addr)]
+        return self._up()
 
     def _on_accept(self, message: PeerMessage) -> list[LinkEvent]:
         if not isinstance(message, Accept):
             raise PeerError(f"expected accept, got {message.TYPE}")
+        return self._up()
+
+    def _up(self) -> list[LinkEvent]:
         assert self.peer is not None and self.peer_addr is not None
         self.phase = Phase.UP
+        self._framer.set_limit(MAX_PEER_LINE_BYTES)
         return [LinkUp(self.peer, self.peer_addr)]
 
     # --- time ---------------------------------------------------------------------

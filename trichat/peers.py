@@ -44,6 +44,11 @@ class Link:
     queued: int = 0
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     up: bool = False
+    sending: trio.Lock = attrs.Factory(trio.Lock)  # the writer and a refusal both write
+
+    async def write(self, data: bytes) -> None:
+        async with self.sending:
+            await self.stream.send_all(data)
 
     def send(self, line: bytes) -> None:
         self.proto.send_encoded(line, trio.current_time())
@@ -160,6 +165,7 @@ class PeerManager:
         )
         link = Link(proto, stream)
         proto.start()
+        link.wake.set()  # the dialer's hello goes out now, not at the first heartbeat tick
         reason: str | None = None
         try:
             with link.cancel_scope:
@@ -202,7 +208,7 @@ class PeerManager:
         if data:
             with trio.move_on_after(1):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await link.stream.send_all(data)
+                    await link.write(data)
 
     async def _write_loop(self, link: Link) -> None:
         try:
@@ -212,7 +218,7 @@ class PeerManager:
                 data = link.proto.data_to_send()
                 link.queued = 0
                 if data:
-                    await link.stream.send_all(data)
+                    await link.write(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             link.cancel_scope.cancel()
 
