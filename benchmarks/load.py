@@ -7,8 +7,12 @@ Modes (benchmarks/README.md explains the figures):
   broadcast  one sender broadcasting with a window to N logged-in receivers
   idle       N idle logged-in connections: the server's RSS growth per connection
 
-Shape: the parent process owns the server (starts and stops it, samples its CPU time and RSS
-with psutil) and the measuring window; --procs worker processes own the client sockets
+With --servers 2 (pairs, rate, broadcast) the tool starts two linked servers (a mesh of two)
+and puts every sender on server 0 and every receiver on server 1, so each message crosses the
+peer link; CPU is summed over both servers and each one's share is shown.
+
+Shape: the parent process owns the server(s) (starts and stops them, samples their CPU time
+and RSS with psutil) and the measuring window; --procs worker processes own the client sockets
 (asyncio protocols, orjson, one write per batch), so the generator and the server run on
 different cores. Every clock here is time.monotonic_ns(): on Linux it is CLOCK_MONOTONIC,
 shared by all processes, so the parent's window and the workers' timestamps agree.
@@ -27,6 +31,7 @@ import multiprocessing
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -55,6 +60,8 @@ IDLE_SETTLE_S = 1.0  # after the last login, let presence fan-out finish before 
 RATE_TICK_S = 0.001  # the paced sender's clock tick
 RATE_MAX_INFLIGHT = 4096  # per sender in rate mode: bounds memory if the server stalls
 RESULT_SLACK_S = 60.0  # extra time allowed for workers to report after their own deadlines
+LINK_TIMEOUT_S = 30.0  # how long two fresh servers may take to print their `linked` lines
+PROBE_RETRY_S = 0.05  # --servers 2: pause between `status` probes of a not-yet-known receiver
 MAX_ERROR_SAMPLES = 5
 MODE_DEFAULTS = {  # mode: (clients, window)
     "pairs": (50, 32),
@@ -81,6 +88,12 @@ class Plan:
     prefix: str
     login_timeout_s: float
     drain_s: float
+    servers: int = 1  # 2: senders log in at host:port (server 0), receivers at recv_host:recv_port
+    recv_host: str = ""  # where receivers log in; "" = host
+    recv_port: int = 0  # 0 = port
+
+    def receiver_address(self) -> tuple[str, int]:
+        return (self.recv_host or self.host, self.recv_port or self.port)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -161,6 +174,7 @@ class Client(asyncio.Protocol):
         self.seq = 0
         self.pending: dict[int, int] = {}  # request id -> when sent (ns): the window
         self.pad = ""
+        self.probe: asyncio.Future[bool] | None = None  # --servers 2: a `status` in flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -199,6 +213,8 @@ class Client(asyncio.Protocol):
                 self.welcomed.set_result(None)
         elif kind == "error":
             self.on_error(event)
+        elif kind == "status" and event.get("id") == "probe":
+            self.answer_probe(event.get("online") is True)
         # receipt, users, typing...: read and dropped, as a client that ignores them would.
 
     def on_message(self, event: dict[str, Any]) -> None:
@@ -235,7 +251,14 @@ class Client(asyncio.Protocol):
         if self.refill:
             self.fill()
 
+    def answer_probe(self, online: bool) -> None:
+        if self.probe is not None and not self.probe.done():
+            self.probe.set_result(online)
+
     def on_error(self, event: dict[str, Any]) -> None:
+        if event.get("id") == "probe" and event.get("code") == "no_such_user":
+            self.answer_probe(False)  # the user's presence has not reached this server yet
+            return
         self.stats.note_error(self.name, event)
         if event.get("id") == "login" and not self.welcomed.done():
             self.welcomed.set_exception(LoginError(f"{self.name}: {event}"))
@@ -290,11 +313,11 @@ class Fleet:
         return range(self.index, self.plan.clients, self.plan.procs)
 
     async def connect(self, name: str, target: str | None = None) -> Client:
+        """Senders log in on server 0 (plan.host), receivers on the receivers' server."""
         loop = asyncio.get_running_loop()
         stats = self.stats
-        _, client = await loop.create_connection(
-            lambda: Client(name, stats, target), self.plan.host, self.plan.port
-        )
+        host, port = (self.plan.host, self.plan.port) if target else self.plan.receiver_address()
+        _, client = await loop.create_connection(lambda: Client(name, stats, target), host, port)
         self.clients.append(client)
         client.write({"type": "login", "user": name, "id": "login"})
         await client.welcomed
@@ -332,6 +355,43 @@ class Fleet:
         pad = "x" * max(0, plan.text_size - stamp_chars)
         for sender in self.senders:
             sender.window, sender.pad = plan.window, pad
+        if plan.servers > 1:
+            await self.wait_receivers_known()
+
+    async def wait_receivers_known(self) -> None:
+        """Two servers: receivers are on server 1, and server 0 learns of them through the
+        peer link. A send to a name server 0 does not know yet is `no_such_user`, so each
+        sender asks `status` of its receiver(s) until server 0 says online (bounded)."""
+        plan = self.plan
+        if plan.mode == "broadcast":  # the broadcaster waits for every receiver of the run
+            names = [f"{plan.prefix}r{i}" for i in range(plan.clients)]
+        else:
+            names = []
+        deadline = asyncio.get_running_loop().time() + plan.login_timeout_s
+
+        async def probe_all(sender: Client) -> None:
+            for name in names or [sender.target or ""]:
+                await self.until_online(sender, name, deadline)
+
+        async with asyncio.TaskGroup() as group:
+            for sender in self.senders:
+                group.create_task(probe_all(sender))
+
+    async def until_online(self, client: Client, name: str, deadline: float) -> None:
+        """Ask `status` of `name` on the client's connection until it says online."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if loop.time() >= deadline:
+                raise TimeoutError(f"server 0 still does not see {name} online (link down?)")
+            client.probe = loop.create_future()
+            client.write({"type": "status", "user": name, "id": "probe"})
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if await client.probe:
+                        return
+            except TimeoutError:
+                raise TimeoutError(f"no answer to `status` of {name} from server 0") from None
+            await asyncio.sleep(PROBE_RETRY_S)
 
     async def run(self, t0_ns: int) -> None:
         """Traffic from t0; record [t0+warmup, +duration); stop sending; drain."""
@@ -452,6 +512,7 @@ async def work(plan: Plan, index: int, ctl: Connection) -> None:
 def worker_main(plan: Plan, index: int, ctl: Connection) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    die_with_parent()  # a killed parent (SIGKILL) must not leave us running to our deadlines
     try:
         asyncio.run(work(plan, index, ctl))
     except Exception as exc:  # the parent is blocked waiting on us: tell it why we stopped
@@ -466,6 +527,7 @@ class Endpoint:
     host: str
     port: int
     pid: int | None  # None: an external server we cannot sample
+    output: ServerOutput | None = None  # None: an external server whose output we cannot see
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,25 +538,43 @@ class Sample:
 
 
 class ServerOutput(threading.Thread):
-    """Reads the server's output so its pipe never fills; spots `ready`; keeps a tail."""
+    """Reads the server's output so its pipe never fills; spots `ready` and `linked`; keeps a
+    tail and the log lines of level WARNING and above."""
 
-    READY = re.compile(r"\bready\b.*\bline=(\S+):(\d+)")
+    READY = re.compile(r"\bready\b.*\bline=(\S+):(\d+).*\bpeer=(\S+):(\d+)")
+    LINKED = re.compile(r"^linked peers=(\S*)$")
+    PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) ")
 
     def __init__(self, stream: Any) -> None:
         super().__init__(daemon=True)
         self.stream = stream
         self.tail: deque[str] = deque(maxlen=40)
         self.address: tuple[str, int] | None = None
+        self.peer_address = ""  # HOST:PORT of its peer listener
         self.ready = threading.Event()  # set on `ready` or at EOF
+        self.eof = False
+        self.peers: frozenset[str] = frozenset()  # from the latest `linked peers=...` line
+        self.link_lines = 0  # `linked` lines so far: one per change of the set of peers
+        self.problems = 0  # log lines of level WARNING or above
+        self.problem_samples: list[str] = []  # the first few of them
 
     def run(self) -> None:
         for raw in self.stream:
             line = raw.decode(errors="replace").rstrip()
             self.tail.append(line)
+            if self.PROBLEM.search(line):
+                self.problems += 1
+                if len(self.problem_samples) < MAX_ERROR_SAMPLES:
+                    self.problem_samples.append(line)
+            if linked := self.LINKED.match(line):
+                self.peers = frozenset(p for p in linked[1].split(",") if p)
+                self.link_lines += 1
             match = self.READY.search(line)
             if match and not self.ready.is_set():
                 self.address = (match[1].strip("[]"), int(match[2]))
+                self.peer_address = f"{match[3]}:{match[4]}"
                 self.ready.set()
+        self.eof = True
         self.ready.set()
 
 
@@ -505,15 +585,22 @@ def die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def own_server(extra: list[str]) -> Iterator[Endpoint]:
-    """Start `trichat serve` on free loopback ports and a temp dir; always stop it by pid."""
+def own_server(
+    extra: list[str], name: str = "bench", peer: str = "", env: dict[str, str] | None = None
+) -> Iterator[Endpoint]:
+    """Start `trichat serve` on free loopback ports and a temp dir; always stop it by pid.
+
+    `peer`: HOST:PORT of another server's peer port to link to. `env`: the environment, which
+    carries the cluster secret (never on a command line, where `ps` would show it)."""
     data = tempfile.mkdtemp(prefix="trichat-bench-")
-    cmd = [sys.executable, "-m", "trichat", "serve", "--name", "bench", "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "trichat", "serve", "--name", name, "--host", "127.0.0.1"]
     cmd += ["--port", "0", "--web-port", "0", "--peer-port", "0", "--data", data]
-    cmd += ["--rate-limit", "0", *extra]  # flood control off: we are the flood
+    cmd += ["--rate-limit", "0"]  # flood control off: we are the flood
+    cmd += ["--peer", peer] if peer else []
     proc = subprocess.Popen(
-        cmd,
+        [*cmd, *extra],
         cwd=REPO_ROOT,  # so `-m trichat` finds the package even when it is not installed
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,  # `ready` may come on either stream
@@ -523,10 +610,57 @@ def own_server(extra: list[str]) -> Iterator[Endpoint]:
     output = ServerOutput(proc.stdout)
     output.start()
     try:
-        yield Endpoint(*wait_ready(proc, output), proc.pid)
+        yield Endpoint(*wait_ready(proc, output), proc.pid, output)
     finally:
         stop_server(proc, output)
         shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_servers(count: int, extra: list[str]) -> Iterator[list[Endpoint]]:
+    """One server named `bench`, or `count` servers bench0, bench1... each linked to bench0
+    with a fresh random cluster secret; returns once every server reports all the others
+    linked. Every server started is stopped by pid on the way out, whatever happens."""
+    if count == 1:
+        with own_server(extra) as endpoint:
+            yield [endpoint]
+        return
+    env = dict(os.environ, TRICHAT_CLUSTER_SECRET=secrets.token_hex(16))
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(own_server(extra, "bench0", env=env))
+        assert first.output is not None
+        seed = first.output.peer_address
+        endpoints = [first]
+        for index in range(1, count):
+            server = own_server(extra, f"bench{index}", peer=seed, env=env)
+            endpoints.append(stack.enter_context(server))
+        wait_linked(endpoints)
+        yield endpoints
+
+
+def wait_linked(endpoints: list[Endpoint]) -> None:
+    """Wait (at most LINK_TIMEOUT_S) until each server's last `linked` line names all the
+    others."""
+    names = [f"bench{i}" for i in range(len(endpoints))]
+    deadline = time.monotonic() + LINK_TIMEOUT_S
+    while True:
+        missing = [
+            f"{name} sees {sorted(e.output.peers)}, wants {sorted(set(names) - {name})}"
+            for name, e in zip(names, endpoints, strict=True)
+            if e.output is not None and e.output.peers != set(names) - {name}
+        ]
+        if not missing:
+            return
+        exited = [n for n, e in zip(names, endpoints, strict=True) if e.output and e.output.eof]
+        if exited or time.monotonic() > deadline:
+            why = f"{', '.join(exited)} exited" if exited else f"not within {LINK_TIMEOUT_S} s"
+            tails = "\n".join(
+                f"--- {name}:\n" + "\n".join(list(e.output.tail)[-10:])
+                for name, e in zip(names, endpoints, strict=True)
+                if e.output is not None
+            )
+            raise RuntimeError(f"servers not linked ({why}): {'; '.join(missing)}\n{tails}")
+        time.sleep(0.05)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], output: ServerOutput) -> tuple[str, int]:
@@ -557,6 +691,19 @@ def sample(process: psutil.Process | None) -> Sample | None:
     with process.oneshot():
         times, rss = process.cpu_times(), process.memory_info().rss
     return Sample(time.monotonic_ns(), times.user + times.system, rss)
+
+
+def sample_all(processes: list[psutil.Process | None]) -> list[Sample | None]:
+    return [sample(process) for process in processes]
+
+
+def combined(samples: list[Sample | None]) -> Sample | None:
+    """All servers as one: CPU and RSS summed, at the first one's time (they are read
+    back to back, microseconds apart). None if any server cannot be sampled."""
+    if not samples or any(s is None for s in samples):
+        return None
+    present = [s for s in samples if s is not None]
+    return Sample(present[0].t_ns, sum(s.cpu_s for s in present), sum(s.rss for s in present))
 
 
 @dataclasses.dataclass
@@ -619,31 +766,76 @@ def sleep_until_ns(deadline_ns: int) -> None:
     time.sleep(max(0.0, (deadline_ns - time.monotonic_ns()) / NS))
 
 
-def measure(plan: Plan, endpoint: Endpoint) -> dict[str, Any]:
+def measure(plan: Plan, endpoints: list[Endpoint]) -> dict[str, Any]:
     """Run the workers through login, go, the window and the drain; return the summary."""
-    process = psutil.Process(endpoint.pid) if endpoint.pid else None
+    processes = [psutil.Process(e.pid) if e.pid else None for e in endpoints]
+    outputs = [e.output for e in endpoints]
+    links_before = [o.link_lines if o else 0 for o in outputs]
     workers = start_workers(plan)
     try:
         collect(workers, "ready", plan.login_timeout_s + RESULT_SLACK_S)
-        before = sample(process)
+        before = combined(sample_all(processes))
         t0_ns = time.monotonic_ns() + int(GO_DELAY_S * NS)
         for worker in workers:
             worker.ctl.send(("go", t0_ns))
         if plan.mode == "idle":
             results = collect(workers, "result", plan.login_timeout_s * 2 + RESULT_SLACK_S)
-            after = sample(process)  # the connections are still open: workers await `close`
-            return summarize(plan, results, before, after)
-        w0 = t0_ns + int(plan.warmup_s * NS)
-        sleep_until_ns(w0)
-        start = sample(process)
-        sleep_until_ns(w0 + int(plan.duration_s * NS))
-        end = sample(process)
-        results = collect(workers, "result", plan.drain_s + RESULT_SLACK_S)
-        summary = summarize(plan, results, start, end)
-        summary["server_rss_mib"] = None if end is None else round(end.rss / 2**20, 1)
+            after = combined(sample_all(processes))  # connections still open: workers await
+            summary = summarize(plan, results, before, after)
+        else:
+            w0 = t0_ns + int(plan.warmup_s * NS)
+            sleep_until_ns(w0)
+            starts = sample_all(processes)
+            sleep_until_ns(w0 + int(plan.duration_s * NS))
+            ends = sample_all(processes)
+            results = collect(workers, "result", plan.drain_s + RESULT_SLACK_S)
+            start, end = combined(starts), combined(ends)
+            summary = summarize(plan, results, start, end)
+            summary["server_rss_mib"] = None if end is None else round(end.rss / 2**20, 1)
+            if len(endpoints) > 1:
+                summary.update(per_server_figures(starts, ends, summary["delivered"]))
+        summary.update(server_health(endpoints, links_before))
         return summary
     finally:
         stop_workers(workers)
+
+
+def server_health(endpoints: list[Endpoint], links_before: list[int]) -> dict[str, Any]:
+    """What the servers' own output said, read after the drain and before they are stopped
+    (stopping logs warnings of its own): log lines of level WARNING and above since each
+    server started, and (several servers) `linked` lines since the workers started, i.e.
+    peer links that dropped or came back during the run."""
+    health: dict[str, Any] = {}
+    named = [(f"server{i}", e.output) for i, e in enumerate(endpoints)]
+    if len(endpoints) > 1:
+        health["peer_link_changes"] = sum(
+            o.link_lines - n for (_, o), n in zip(named, links_before, strict=True) if o
+        )
+    health["server_log_warnings"] = {name: o.problems for name, o in named if o and o.problems}
+    health["server_log_samples"] = [
+        f"{name}: {line}" for name, o in named if o for line in o.problem_samples
+    ]
+    return health
+
+
+def per_server_figures(
+    starts: list[Sample | None], ends: list[Sample | None], delivered: int
+) -> dict[str, Any]:
+    """Each server's CPU (per delivered message, % of a core, share of the total) and RSS."""
+    figures: dict[str, Any] = {}
+    pairs = list(zip(starts, ends, strict=True))
+    total = sum(e.cpu_s - s.cpu_s for s, e in pairs if s is not None and e is not None)
+    for index, (first, last) in enumerate(pairs):
+        name = f"server{index}"
+        if first is None or last is None:
+            figures[f"{name}_cpu_pct"] = None
+            continue
+        used = last.cpu_s - first.cpu_s
+        figures[f"{name}_cpu_us_per_delivered"] = per_item_us(first, last, delivered)
+        figures[f"{name}_cpu_pct"] = cpu_pct(first, last)
+        figures[f"{name}_cpu_share_pct"] = round(100 * used / total, 1) if total else None
+        figures[f"{name}_rss_mib"] = round(last.rss / 2**20, 1)
+    return figures
 
 
 # --------------------------------------------------------------------------- figures
@@ -686,6 +878,8 @@ def summarize(
 ) -> dict[str, Any]:
     total = merge(results)
     summary: dict[str, Any] = {"mode": plan.mode, "clients": plan.clients, "procs": plan.procs}
+    if plan.servers > 1:
+        summary["servers"] = plan.servers
     if plan.mode == "idle":
         summary.update(idle_figures(plan, total, first, last))
     else:
@@ -827,16 +1021,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra argument for the server this tool starts (repeatable), e.g."
         " --server-arg=--store-batch-max=64",
     )
+    parser.add_argument(
+        "--servers",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="2: start two linked servers, senders on the first, receivers on the second"
+        " (pairs, rate, broadcast; not with --server) (default 1)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.servers > 1 and args.mode == "idle":
+        parser.error("--servers 2 is for pairs, rate and broadcast")
+    if args.servers > 1 and args.server is not None:
+        parser.error("--servers 2 starts its own servers; it cannot be used with --server")
+    return args
 
 
-def make_plan(args: argparse.Namespace, host: str, port: int) -> Plan:
+def make_plan(args: argparse.Namespace, endpoints: list[Endpoint]) -> Plan:
+    """Senders use the first server; receivers the last (the same one when there is one)."""
     clients, window = MODE_DEFAULTS[args.mode]
     return Plan(
         mode=args.mode,
-        host=host,
-        port=port,
+        host=endpoints[0].host,
+        port=endpoints[0].port,
+        servers=len(endpoints),
+        recv_host=endpoints[-1].host,
+        recv_port=endpoints[-1].port,
         clients=args.clients or clients,
         window=args.window or window,
         rate=args.rate,
@@ -851,23 +1062,31 @@ def make_plan(args: argparse.Namespace, host: str, port: int) -> Plan:
 
 
 @contextlib.contextmanager
-def server_for(args: argparse.Namespace) -> Iterator[Endpoint]:
+def servers_for(args: argparse.Namespace) -> Iterator[list[Endpoint]]:
     if args.server is None:
-        with own_server(args.server_arg) as endpoint:
-            yield endpoint
+        with own_servers(args.servers, args.server_arg) as endpoints:
+            yield endpoints
         return
     if args.server_pid is not None and not psutil.pid_exists(args.server_pid):
         raise SystemExit(f"--server-pid {args.server_pid}: no such process")
-    yield Endpoint(args.server[0], args.server[1], args.server_pid)
+    yield [Endpoint(args.server[0], args.server[1], args.server_pid)]
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored (and Python keeps
+    # it so), and SIGTERM would otherwise end us without stopping the servers and workers.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
     raise_open_files((args.clients or MODE_DEFAULTS[args.mode][0]) * 2 + 256)
     try:
-        with server_for(args) as endpoint:
-            plan = make_plan(args, endpoint.host, endpoint.port)
-            summary = measure(plan, endpoint)
+        with servers_for(args) as endpoints:
+            plan = make_plan(args, endpoints)
+            summary = measure(plan, endpoints)
     except (RuntimeError, TimeoutError, OSError) as exc:  # the cleanup above has already run
         print(f"load.py: {exc}", file=sys.stderr)
         return 1

@@ -839,7 +839,7 @@ def test_a_server_with_another_secret_is_refused(mesh: Mesh) -> None:
 # --- the refusal race (peers.py: _read_loop's _flush_refusal vs _write_loop) -------------
 
 REFUSE_RACE = (
-    "BUG: peers.PeerManager._read_loop, on LinkDown, calls _flush_refusal -> "
+    "regression: peers.PeerManager._read_loop, on LinkDown, once called _flush_refusal -> "
     "stream.send_all while _write_loop may still be inside its own send_all on the same "
     "trio SocketStream: trio.BusyResourceError escapes _run_link"
 )
