@@ -31,6 +31,7 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 MAX_PEER_OUTBOX_BYTES = 64 * 1024 * 1024  # a peer this far behind is cut off and relinks
 RECEIVE_BYTES = 256 * 1024
+YIELD_EVERY = 64  # peer messages handled from one read before other tasks get a turn
 
 
 @attrs.define(eq=False)
@@ -45,6 +46,7 @@ class Link:
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     up: bool = False
     sending: trio.Lock = attrs.Factory(trio.Lock)  # the writer and a refusal both write
+    acks: list[str] = attrs.Factory(list)  # relay_acks waiting for the next write
 
     async def write(self, data: bytes) -> None:
         async with self.sending:
@@ -106,6 +108,14 @@ class PeerManager:
 
     def send(self, servers: list[str], message: peerproto.PeerMessage) -> None:
         """Queue ``message`` for each linked server in ``servers`` (encoded once)."""
+        if isinstance(message, peerproto.RelayAck):
+            # One relay_ack per write, not per relay: they are collected until the writer runs.
+            for server in servers:
+                link = self.links.get(server)
+                if link is not None:
+                    link.acks += message.msgs
+                    link.wake.set()
+            return
         line = peerproto.encode_peer(message)
         for server in servers:
             link = self.links.get(server)
@@ -188,7 +198,12 @@ class PeerManager:
                 return f"connection lost: {exc}"
             if not data:
                 return "the peer closed the link"
-            for event in link.proto.receive_data(bytes(data), trio.current_time()):
+            events = link.proto.receive_data(bytes(data), trio.current_time())
+            for n, event in enumerate(events, 1):
+                if n % YIELD_EVERY == 0:
+                    # A read may hold thousands of relays and broadcasts, each fanned out to
+                    # many clients: let clients and heartbeats have a turn meanwhile.
+                    await trio.lowlevel.checkpoint()
                 match event:
                     case LinkUp(server=server, addr=peer_addr):
                         if not self._link_up(link, server, peer_addr, addr):
@@ -215,6 +230,9 @@ class PeerManager:
             while True:
                 await link.wake.wait()
                 link.wake = trio.Event()
+                if link.acks:
+                    link.proto.send(peerproto.RelayAck(link.acks), trio.current_time())
+                    link.acks = []
                 data = link.proto.data_to_send()
                 link.queued = 0
                 if data:
