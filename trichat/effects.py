@@ -52,12 +52,15 @@ class StoredMessage:
 
 @attrs.define
 class StoreMessage:
-    """Write ``message`` durably, then call :meth:`Hub.message_stored`."""
+    """Write ``message`` durably, then call :meth:`Hub.message_stored` (with ``relay_to``)."""
 
     message: StoredMessage
     seq: int
     conn: int
     req_id: RequestId
+    # Other servers the recipient was on when it was sent (server -> session since): it is
+    # relayed there even if a link drops while it is being stored.
+    relay_to: dict[str, int] = attrs.Factory(dict)
 
 
 @attrs.define

@@ -98,8 +98,11 @@ class LineFramer:
         self._scanned = 0
         line = bytes(self._buf[:end]) if end <= self._max else TOO_LONG
         del self._buf[: nl + 1]
-        # What followed may itself be an unterminated overlong line: bound it now.
-        self._trim_overlong()
+        # What followed may be an unterminated overlong line: bound it now. A complete line
+        # is judged when it is taken, by the limit in force then (a peer link raises its
+        # limit after the handshake, and the next line may already be here).
+        if self._buf.find(b"\n") < 0:
+            self._trim_overlong()
         return line
 
 

@@ -291,7 +291,8 @@ class Hub(MeshRouting):
             raise ProtocolError(errors.NO_SUCH_USER, f"there is no user {to[:40]}")
         seq, msg = self._next_msg_id()
         stored = StoredMessage(msg, entry.user, to, text, now, req_id)
-        return [StoreMessage(stored, seq, conn, req_id)]
+        relay_to = {s: i.since for s, i in target.remote.items()} if target is not None else {}
+        return [StoreMessage(stored, seq, conn, req_id, relay_to)]
 
     def _broadcast(
         self, conn: int, entry: ConnEntry, text: str, req_id: RequestId, now: int
@@ -320,10 +321,12 @@ class Hub(MeshRouting):
         *,
         duplicate: bool,
         now: int | None = None,
+        relay_to: dict[str, int] | None = None,
     ) -> list[Effect]:
         """``stored`` is on disk; ``duplicate`` means it was a resend of that message.
 
-        ``now`` stamps receipts of text-mode connections (the message's time if None).
+        ``now`` stamps receipts of text-mode connections (the message's time if None);
+        ``relay_to`` is the StoreMessage's: servers the recipient was on when it was sent.
         """
         effects: list[Effect] = []
         if conn in self.conns:
@@ -332,11 +335,20 @@ class Hub(MeshRouting):
             return effects
         target = self.online.get(name_key(stored.to))
         if target is None:
-            return effects
+            return effects + self._relay_all(stored, None, relay_to)
         ready = [c for c in sorted(target.conns) if not self.conns[c].backlog_pending]
         effects += self._deliver_private(ready, [stored], now)
-        for server in sorted(target.remote):
-            effects += self._relay(server, stored)
+        return effects + self._relay_all(stored, target, relay_to)
+
+    def _relay_all(
+        self, stored: StoredMessage, target: OnlineUser | None, relay_to: dict[str, int] | None
+    ) -> list[Effect]:
+        servers = dict(relay_to or {})
+        if target is not None:
+            servers.update({server: info.since for server, info in target.remote.items()})
+        effects: list[Effect] = []
+        for server, since in sorted(servers.items()):
+            effects += self._relay(server, stored, since)
         return effects
 
     def _deliver_private(

@@ -76,10 +76,10 @@ class MeshRouting:
             )
         return effects
 
-    def _relay(self, server: str, stored: StoredMessage) -> list[Effect]:
+    def _relay(self, server: str, stored: StoredMessage, since: int) -> list[Effect]:
         """Hand a stored message to the server the recipient is on; kept until acknowledged
         and sent again if the link drops first (protocol.md "Relay")."""
-        relay = peerproto.Relay(stored.msg, stored.sender, stored.to, stored.text, stored.ts)
+        relay = peerproto.Relay(stored.msg, stored.sender, stored.to, stored.text, stored.ts, since)
         pending = self._pending_relays.setdefault(server, OrderedDict())
         pending[stored.msg] = relay
         while len(pending) > MAX_PENDING_RELAYS:
@@ -230,6 +230,8 @@ class MeshRouting:
         target = self.online.get(name_key(relay.to))
         if target is None or not target.conns:
             return effects  # gone meanwhile: its server keeps it (stored there)
+        if not target.account and relay.since is not None and relay.since != target.since:
+            return effects  # that guest left; this is another person with the same name
         event = messages.Message(relay.msg, relay.sender, relay.to, relay.text, relay.ts)
         conns = sorted(target.conns)
         effects.append(Deliver(conns, event))

@@ -111,7 +111,11 @@ class SessionChange:
 
 @attrs.define
 class Relay:
-    """A private message for a user connected to the receiving server; acknowledged."""
+    """A private message for a user connected to the receiving server; acknowledged.
+
+    ``since`` names the recipient's session there (its ``since`` as that server reported it):
+    a guest who left and a new guest of the same name are different people.
+    """
 
     TYPE: ClassVar[str] = "relay"
     msg: str
@@ -119,6 +123,7 @@ class Relay:
     to: str
     text: str
     ts: int
+    since: int | None = None
 
 
 @attrs.define

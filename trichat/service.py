@@ -346,6 +346,7 @@ class ChatService:
                         effect.req_id,
                         duplicate=result.duplicate,
                         now=now_ms(),
+                        relay_to=effect.relay_to,
                     )
                 )
             self._finished(effect.conn)
