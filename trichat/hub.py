@@ -92,6 +92,7 @@ class Hub(MeshRouting):
         self._accounts: dict[str, Seen] = {name_key(n): Seen(n, True, seen) for n, seen in accounts}
         self._gone_guests: OrderedDict[str, Seen] = OrderedDict()
         self._registering: set[str] = set()  # names whose account is being stored
+        self._last_since = 0
         # The mesh (protocol.md "Peer links"): linked peers, the version of what each told
         # us about its sessions, and relays each has not acknowledged yet.
         self.boot = incarnation
@@ -184,7 +185,10 @@ class Hub(MeshRouting):
             Reply(conn, messages.Welcome(name, self.server, users, more), req_id)
         ]
         if first_here:
-            user.since, user.account = now, account
+            # Strictly increasing: a session's since also names it (a relay for a guest goes
+            # to that session only), so two in the same millisecond must differ.
+            self._last_since = max(now, self._last_since + 1)
+            user.since, user.account = self._last_since, account
             effects += self._tell_peers(user, online=True)
         effects += self._presence_changed(key, before, now, exclude=conn)
         if account:

@@ -76,18 +76,13 @@ CRASH_LOSES_RELAYS = (
     "the sender's server crashed before the recipient's server acknowledged the relay: "
     "pending relays live only in memory, and nothing re-reads them from storage"
 )
-GUEST_SINCE_COLLISION = (
-    "a relay names the recipient's session by its since, a time in ms: when a guest leaves "
-    "and someone else logs in with that name on the same server within the same millisecond, "
-    "the two sessions have the same since, and a relay meant for the first reaches the second"
-)
 ACCOUNT_REGISTERED_TWICE = (
     "check_register knows only this server's accounts and who is online: a name registered "
     "on another server by someone who is offline now can be registered again here, by "
     "someone else; once both are online the mesh takes them for one user (one presence "
     "entry, each one's private messages relayed to the other)"
 )
-KNOWN_BUGS = (CRASH_LOSES_RELAYS, GUEST_SINCE_COLLISION, ACCOUNT_REGISTERED_TWICE)
+KNOWN_BUGS = (CRASH_LOSES_RELAYS, ACCOUNT_REGISTERED_TWICE)
 
 # --- steps ----------------------------------------------------------------------------
 
@@ -681,11 +676,12 @@ class Mesh:
             self._note(f"{srv.name}: login {name} refused: {exc.code}")
             return
         user = hub.conns[conn].user
+        since = hub.online[name_key(user)].since  # the hub's: unique per session here
         client = Client(
-            conn, srv.name, srv.incarnation, user, account, text_mode, self.now, next(self._stamps)
+            conn, srv.name, srv.incarnation, user, account, text_mode, since, next(self._stamps)
         )
         self.clients[conn] = client
-        self.claims[conn] = Claim(client.key, self.now, srv.name, conn, account)
+        self.claims[conn] = Claim(client.key, since, srv.name, conn, account)
         self._note(f"{srv.name}: c{conn} logs in as {user}")
         self._run(srv, effects)
 
@@ -1013,16 +1009,6 @@ class Mesh:
                 last[record.sender_conn] = max(previous, record.index)
         return out
 
-    def _same_since_as_earlier(self, client: Client) -> bool:
-        """Whether an earlier guest of this name on this server had the same since (see
-        GUEST_SINCE_COLLISION)."""
-        return any(
-            (c.key, c.server, c.since) == (client.key, client.server, client.since)
-            and c.stamp < client.stamp
-            and not c.account
-            for c in self.clients.values()
-        )
-
     def _addressing(self) -> list[str]:
         out: list[str] = []
         rows = {msg: row for srv in self.servers.values() for msg, row in srv.storage.rows.items()}
@@ -1052,11 +1038,7 @@ class Mesh:
                         original = stored.get(msg)
                         if original is None or original.as_event() != m:
                             out.append(f"(c) c{client.id} got {m!r}; stored was {original!r}")
-                        elif (
-                            not client.account
-                            and rows[msg].stamp < client.stamp
-                            and (self.strict or not self._same_since_as_earlier(client))
-                        ):
+                        elif not client.account and rows[msg].stamp < client.stamp:
                             # A guest's unacknowledged messages are never offered to anyone
                             # else (hub.DropBacklog): not to the next guest of that name.
                             out.append(
