@@ -20,10 +20,11 @@ Hypothesis also keeps failing examples in its database (.hypothesis/) and tries 
 next time. ``TRICHAT_SIM_EXAMPLES=N`` runs N schedules instead of the default (sized for
 well under a minute on a 2-core machine; a nightly job may raise it).
 
-Known bugs in trichat/hub.py are each pinned by a strict xfail test below; the property
-test excuses what they lose only under each bug's exact condition (mesh.KNOWN_BUGS), so it
-keeps hunting for new ones. When a bug is fixed, its xfail test starts passing (strict:
-the run fails until the marker is removed), and its excuse should go too.
+Known bugs in the routing core (trichat/hub.py, trichat/mesh.py) are each pinned by a
+strict xfail test below; the property test excuses what they do only under each bug's exact
+condition (mesh.KNOWN_BUGS), so it keeps hunting for new ones. When a bug is fixed, its
+xfail test starts passing (strict: the run fails until the marker is removed), and its
+excuse should go too.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from hypothesis import strategies as st
 from tests.sim.mesh import (
     ACCOUNT_REGISTERED_TWICE,
     CRASH_LOSES_RELAYS,
+    SINCE_REUSED_AFTER_RESTART,
     Ack,
     Broadcast,
     Crash,
@@ -61,7 +63,7 @@ from tests.sim.mesh import (
 )
 from trichat import messages
 
-EXAMPLES = int(os.environ.get("TRICHAT_SIM_EXAMPLES", "1500"))
+EXAMPLES = int(os.environ.get("TRICHAT_SIM_EXAMPLES", "3000"))  # ~30 s here (2 cores)
 SEED = int(os.environ.get("TRICHAT_SIM_SEED") or random.randrange(2**32))
 
 
@@ -234,6 +236,26 @@ def test_a_guests_relay_never_reaches_a_new_guest_of_the_same_millisecond() -> N
     # As above, but the new bob logs in within the millisecond the first one left in: the
     # hub gives each session its own since even then.
     run_schedule(2, SAME_MS_SCHEDULE, strict=True)
+
+
+RESTART_SCHEDULE = [*ANN_AND_BOB, SendTo(0, 1), Crash(1), Login(1, "bob")]
+
+
+@pytest.mark.xfail(strict=True, reason=SINCE_REUSED_AFTER_RESTART)
+def test_a_guests_relay_never_reaches_a_new_guest_after_a_restart() -> None:
+    # ann (s0) writes to guest bob (s1); s1 crashes before the relay arrives and restarts;
+    # someone else logs in as bob there, in the same millisecond as the first bob did, so
+    # with the same since. The link comes back; s0 resends the relay; the new bob gets it.
+    run_schedule(2, RESTART_SCHEDULE, strict=True)
+
+
+def test_the_default_mode_excuses_a_since_reused_after_a_restart_and_only_it() -> None:
+    mesh = run_schedule(2, RESTART_SCHEDULE)
+    assert len(mesh.live_clients()[-1].private_messages()) == 1
+    # A millisecond later, the new bob's since differs and the relay is dropped.
+    restart_later = [*ANN_AND_BOB, SendTo(0, 1), Crash(1), Tick(1), Login(1, "bob")]
+    mesh = run_schedule(2, restart_later, strict=True)
+    assert not mesh.live_clients()[-1].private_messages()
 
 
 @pytest.mark.xfail(strict=True, reason=ACCOUNT_REGISTERED_TWICE)
