@@ -224,8 +224,3 @@ def encode(event: Event, req_id: RequestId = None) -> bytes:
     if req_id is not None:
         body["id"] = req_id
     return orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)
-
-
-def encode_dict(body: dict[str, Any]) -> bytes:
-    """One wire line for an already-built dict (events relayed or replayed as they are)."""
-    return orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)

@@ -399,11 +399,6 @@ class Hub(MeshRouting):
     def _servers(self, user: OnlineUser) -> list[str]:
         return user.servers(self.server)
 
-    def _presence(self, key: str) -> messages.Presence:
-        user = self.online[key]
-        servers = self._servers(user)
-        return messages.Presence(user.name, True, server=servers[0], servers=servers)
-
     def _users_page(self, after: str | None) -> tuple[list[messages.UserEntry], str | None]:
         keys = sorted(self.online)
         if after is not None:
