@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 
 from trichat import messages, peerproto
+from trichat.accounts import AccountRecord
 from trichat.codec import RequestId
 from trichat.messages import Event
 
@@ -45,54 +46,137 @@ class StoredMessage:
     text: str
     ts: int
     req_id: RequestId = None
+    sender_uid: str = ""  # identities (protocol.md "Identities"): who sent it, whom it is for
+    to_uid: str = ""
 
     def as_event(self) -> messages.Message:
         return messages.Message(self.msg, self.sender, self.to, self.text, self.ts)
 
 
+RECEIPT_BITS: dict[str, int] = {"delivered": 1, "read": 2}
+
+
+@attrs.define
+class OwedReceipt:
+    """A receipt kept for a sender who was away: ``bits`` say which (1 delivered, 2 read)."""
+
+    msg: str
+    status: str
+    by: str
+    ts: int
+    bits: int
+
+    def event(self) -> messages.Receipt:
+        return messages.Receipt(self.msg, self.status, self.by, self.ts)
+
+
+@attrs.define
+class Backlog:
+    """What storage owes one identity: messages for it (oldest first), receipts for it."""
+
+    messages: list[StoredMessage] = attrs.Factory(list)
+    receipts: list[OwedReceipt] = attrs.Factory(list)
+
+
 @attrs.define
 class StoreMessage:
-    """Write ``message`` durably, then call :meth:`Hub.message_stored` (with ``relay_to``)."""
+    """Write ``message`` durably, then call :meth:`Hub.message_stored`."""
 
     message: StoredMessage
     seq: int
     conn: int
     req_id: RequestId
-    # Other servers the recipient was on when it was sent (server -> session since): it is
-    # relayed there even if a link drops while it is being stored.
-    relay_to: dict[str, int] = attrs.Factory(dict)
 
 
 @attrs.define
 class StoreReceipt:
-    """Record that ``by`` received or read ``msg``, then call :meth:`Hub.receipt_stored`."""
+    """Record that ``by`` (identity ``uid``) received or read ``msg``, then call
+    :meth:`Hub.receipt_stored`."""
 
     msg: str
     by: str
     status: str
     ts: int
+    uid: str
 
 
 @attrs.define
 class FetchBacklog:
-    """Load ``user``'s unacknowledged messages, then call :meth:`Hub.backlog_loaded`."""
+    """Load what is owed to ``uid`` (messages for it, receipts for what it sent), then
+    call :meth:`Hub.backlog_loaded`."""
 
     conn: int
-    user: str
+    uid: str
+
+
+@attrs.define
+class PushBacklog:
+    """Load what is owed to ``uid``, online on the linked peer ``server``, then call
+    :meth:`Hub.backlog_for_peer` with ``token``."""
+
+    server: str
+    uid: str
+    token: int
 
 
 @attrs.define
 class SaveLastSeen:
-    user: str
+    uid: str
     ts: int
 
 
 @attrs.define
 class DropBacklog:
-    """A guest is gone: what it left unacknowledged is never offered to anyone."""
+    """A guest session is gone: what it left unacknowledged is never offered to anyone."""
 
-    user: str
+    uid: str
     ts: int
+
+
+@attrs.define
+class OweReceipts:
+    """Receipts for messages stored here whose sender was reachable nowhere: kept until it
+    logs in (``bits``: 1 delivered, 2 read)."""
+
+    receipts: list[tuple[str, int]]
+
+
+@attrs.define
+class ReceiptsTold:
+    """Owed receipts were given to the sender: forget them (written lazily)."""
+
+    receipts: list[tuple[str, int]]
+
+
+@attrs.define
+class OweToPeer:
+    """A receipt for a message stored on ``server``, which is not linked now: kept on disk
+    and sent when it is (protocol.md "Receipts across the mesh")."""
+
+    server: str
+    receipt: peerproto.PeerReceipt
+
+
+@attrs.define
+class SendOwedToPeer:
+    """``server`` is linked: load what is kept for it, then :meth:`Hub.owed_loaded`."""
+
+    server: str
+
+
+@attrs.define
+class StoreAccounts:
+    """Account records learned from peers: written lazily (a crash loses nothing that the
+    next link-up does not bring back)."""
+
+    records: list[AccountRecord]
+
+
+@attrs.define
+class ClaimSettled:
+    """The registration ``rid`` may go on (or has lost): wake the shell waiting on it."""
+
+    rid: str
 
 
 @attrs.define
@@ -127,8 +211,15 @@ Effect = (
     | StoreMessage
     | StoreReceipt
     | FetchBacklog
+    | PushBacklog
     | SaveLastSeen
     | DropBacklog
+    | OweReceipts
+    | ReceiptsTold
+    | OweToPeer
+    | SendOwedToPeer
+    | StoreAccounts
+    | ClaimSettled
     | AfterStored
     | ToPeers
     | Close
@@ -144,13 +235,22 @@ class ConnEntry:
     key: str
     account: bool
     auto_ack: bool  # text mode: a line shown to a person counts as received
+    uid: str = ""  # the account's id, or this guest session's
     backlog_pending: bool = False
+    # Peers whose backlog push for this identity has not ended since this connection
+    # logged in (or the link came up): their live relays are in the push, in order.
+    awaiting: set[str] = attrs.Factory(set)
+    # Broadcasts from an awaited peer, held so that they keep their place among the
+    # sender's private messages in the push (message ids order both).
+    held: list[messages.Message] = attrs.Factory(list)
 
 
 @attrs.define
 class OnlineUser:
     name: str
     account: bool
+    uid: str = ""  # the identity of this server's connections of this name
+    logins: int = 0  # how many of them logged in so far (a new device is owed the backlog)
     conns: set[int] = attrs.Factory(set)  # this server's connections
     since: int = 0  # ms, when the first of them logged in (guest name conflicts)
     remote: dict[str, peerproto.SessionInfo] = attrs.Factory(dict)  # other servers' sessions

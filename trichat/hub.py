@@ -14,9 +14,13 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from trichat import errors, messages, peerproto
+from trichat.accounts import AccountBook, AccountRecord
 from trichat.codec import RequestId
 from trichat.effects import (
+    RECEIPT_BITS,
     AfterStored,
+    Backlog,
+    ClaimSettled,
     Close,
     ConnEntry,
     Deliver,
@@ -24,9 +28,15 @@ from trichat.effects import (
     Effect,
     FetchBacklog,
     OnlineUser,
+    OweReceipts,
+    OweToPeer,
+    PushBacklog,
+    ReceiptsTold,
     Reply,
     SaveLastSeen,
     Seen,
+    SendOwedToPeer,
+    StoreAccounts,
     StoredMessage,
     StoreMessage,
     StoreReceipt,
@@ -35,10 +45,13 @@ from trichat.effects import (
 from trichat.errors import ProtocolError
 from trichat.mesh import BROADCAST_TO, MeshRouting
 from trichat.messages import Request
-from trichat.names import describe_name_rule, is_valid_name, name_key
+from trichat.names import check_name, is_valid_name, name_key
+from trichat.registration import RegistrationRouting, renamed_notice
 
 __all__ = [  # the effects are part of the hub's interface: tests and the shell use them
     "AfterStored",
+    "Backlog",
+    "ClaimSettled",
     "Close",
     "ConnEntry",
     "Deliver",
@@ -47,24 +60,32 @@ __all__ = [  # the effects are part of the hub's interface: tests and the shell 
     "FetchBacklog",
     "Hub",
     "OnlineUser",
+    "OweReceipts",
+    "OweToPeer",
+    "PushBacklog",
+    "ReceiptsTold",
     "Reply",
     "SaveLastSeen",
     "Seen",
+    "SendOwedToPeer",
+    "StoreAccounts",
     "StoreMessage",
     "StoreReceipt",
     "StoredMessage",
     "ToPeers",
+    "check_name",
 ]
 
 
-class Hub(MeshRouting):
+class Hub(RegistrationRouting, MeshRouting):
     """The routing core of one server.
 
     Args:
         server: this server's name.
-        accounts: registered names and their last-seen times, as loaded from storage.
+        accounts: every account record known, as loaded from storage.
+        last_seen: accounts' last-seen times here (uid -> ms).
         next_seq: the first unused message sequence number.
-        incarnation: the database's id, part of every message id.
+        incarnation: the database's id, part of every message and guest session id.
         max_text_chars: the text limit.
         users_page_size: users per ``welcome``/``users`` page.
         remembered_guests: gone guests kept for ``status`` and ``offline``.
@@ -74,7 +95,8 @@ class Hub(MeshRouting):
         self,
         server: str,
         *,
-        accounts: Iterable[tuple[str, int | None]] = (),
+        accounts: Iterable[AccountRecord] = (),
+        last_seen: dict[str, int] | None = None,
         next_seq: int = 1,
         incarnation: str = "0",
         max_text_chars: int = 4096,
@@ -89,110 +111,111 @@ class Hub(MeshRouting):
         self._remembered_guests = remembered_guests
         self.conns: dict[int, ConnEntry] = {}
         self.online: dict[str, OnlineUser] = {}
-        self._accounts: dict[str, Seen] = {name_key(n): Seen(n, True, seen) for n, seen in accounts}
+        self.book = AccountBook(accounts)
+        self._last_seen: dict[str, int] = dict(last_seen or {})
         self._gone_guests: OrderedDict[str, Seen] = OrderedDict()
-        self._registering: set[str] = set()  # names whose account is being stored
         self._last_since = 0
+        # Identities (protocol.md "Identities"): this server's connections of each, and
+        # the linked peers each is online on.
+        self.local_uids: dict[str, set[int]] = {}
+        self.remote_uids: dict[str, set[str]] = {}
         # The mesh (protocol.md "Peer links"): linked peers, the version of what each told
-        # us about its sessions, and relays each has not acknowledged yet.
+        # us about its sessions, and backlogs being loaded for peers' new sessions.
         self.boot = incarnation
         self.peers: set[str] = set()
         self._presence_seq = 0
         self._remote_versions: dict[str, tuple[str, int]] = {}
-        self._pending_relays: dict[str, OrderedDict[str, peerproto.Relay]] = {}
+        self._pushing: dict[tuple[str, str], int] = {}
+        self._push_tokens = 0
+        self._init_registration()
 
     # --- login and logout ---------------------------------------------------------
 
     def is_account(self, name: str) -> bool:
-        return name_key(name) in self._accounts
+        return self.book.holder(name) is not None
 
-    def check_login(self, name: str, password: str | None) -> bool:
-        """Check a login before any password work; True when it is for an account.
+    def check_login(self, name: str, password: str | None) -> list[AccountRecord]:
+        """Check a login before any password work: the accounts it may be for (the
+        password tells which), or an empty list for a guest.
 
         Raises:
             ProtocolError: ``bad_name``, ``name_taken`` (a guest name in use) or
                 ``auth_failed`` (an account without password, a password for no account).
         """
         check_name(name)
-        account = self.is_account(name)
-        if account and password is None:
+        candidates = self.book.login_candidates(name)
+        if candidates and password is None:
             raise ProtocolError(errors.AUTH_FAILED, f"{name} is registered: give its password")
-        if not account and password is not None:
+        if not candidates and password is not None:
             raise ProtocolError(
                 errors.AUTH_FAILED,
                 f"there is no account {name}: register it, or log in without a password",
             )
-        if not account and self._guest_name_taken(name_key(name)):
+        if not candidates and self._guest_name_taken(name_key(name)):
             raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use; pick another name")
-        return account
+        return candidates
 
     def _guest_name_taken(self, key: str) -> bool:
-        return key in self.online or key in self._registering
+        return key in self.online or self._name_claimed(key)
 
-    def check_register(self, name: str) -> None:
-        """Raises ``bad_name`` or ``name_taken`` before the password is hashed."""
-        check_name(name)
-        if self.is_account(name) or self._guest_name_taken(name_key(name)):
-            raise ProtocolError(errors.NAME_TAKEN, f"{name} is taken; pick another name")
-
-    def reserve(self, name: str) -> None:
-        """Hold ``name`` while its registration is hashed and stored: no guest may take it
-        in between (call :meth:`add_account` or :meth:`release` after).
-
-        Raises:
-            ProtocolError: ``bad_name`` or ``name_taken``.
-        """
-        self.check_register(name)
-        self._registering.add(name_key(name))
-
-    def release(self, name: str) -> None:
-        self._registering.discard(name_key(name))
-
-    def add_account(self, name: str) -> None:
-        """A new account was stored."""
-        self._accounts[name_key(name)] = Seen(name, True, None)
-        self._gone_guests.pop(name_key(name), None)
-        self.release(name)
+    def _guest_online(self, key: str) -> bool:
+        return key in self.online
 
     def login(
-        self, conn: int, name: str, *, auto_ack: bool, now: int, req_id: RequestId
+        self,
+        conn: int,
+        name: str,
+        *,
+        auto_ack: bool,
+        now: int,
+        req_id: RequestId,
+        uid: str | None = None,
     ) -> list[Effect]:
-        """Log ``conn`` in as ``name`` (password already checked by the shell).
+        """Log ``conn`` in as ``name``: the account ``uid`` (password already checked by
+        the shell), or a guest when ``uid`` is None.
 
         Raises:
             ProtocolError: ``name_taken`` if a guest took the name meanwhile.
         """
+        typed = name
+        account = uid is not None
+        if uid is not None:
+            name = self.book.name_of(uid) or name
         key = name_key(name)
-        account = key in self._accounts
-        if account:
-            name = self._accounts[key].name
         user = self.online.get(key)
         if not account and self._guest_name_taken(key):
             raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use; pick another name")
-        if account and user is not None and user.conns and not user.account:
-            # Never share an online entry with a guest of the same name (its mail would mix).
-            raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use by a guest right now")
-        entry = ConnEntry(name, key, account, auto_ack, backlog_pending=account)
-        self.conns[conn] = entry
+        if account and user is not None and user.conns and user.uid != uid:
+            # Never share an online entry with another identity (its mail would mix).
+            raise ProtocolError(errors.NAME_TAKEN, f"{name} is in use by someone else right now")
         if user is None:
             user = self.online[key] = OnlineUser(name, account)
             self._gone_guests.pop(key, None)
         before = user.servers(self.server)
         first_here = not user.conns
+        if first_here:
+            # Strictly increasing: a guest session's id is made of it, so two logins in the
+            # same millisecond must differ (and the boot tells restarts apart).
+            self._last_since = max(now, self._last_since + 1)
+            user.since, user.account, user.logins = self._last_since, account, 0
+            user.uid = uid if uid is not None else f"g.{self.server}.{self.boot}.{user.since}"
+        entry = ConnEntry(name, key, account, auto_ack, user.uid, account, set(self.peers))
+        self.conns[conn] = entry
         user.conns.add(conn)
+        self.local_uids.setdefault(user.uid, set()).add(conn)
         users, more = self._users_page(None)
         effects: list[Effect] = [
             Reply(conn, messages.Welcome(name, self.server, users, more), req_id)
         ]
-        if first_here:
-            # Strictly increasing: a session's since also names it (a relay for a guest goes
-            # to that session only), so two in the same millisecond must differ.
-            self._last_since = max(now, self._last_since + 1)
-            user.since, user.account = self._last_since, account
+        if name_key(typed) != key:
+            effects.append(Reply(conn, renamed_notice(typed, name)))
+        user.logins += 1
+        if first_here or user.account:
+            # Another device of an account is told too: it is owed what is stored elsewhere.
             effects += self._tell_peers(user, online=True)
         effects += self._presence_changed(key, before, now, exclude=conn)
         if account:
-            effects.append(FetchBacklog(conn, name))
+            effects.append(FetchBacklog(conn, user.uid))
         return effects
 
     def disconnect(self, conn: int, now: int) -> list[Effect]:
@@ -200,6 +223,7 @@ class Hub(MeshRouting):
         entry = self.conns.pop(conn, None)
         if entry is None:
             return []
+        _discard(self.local_uids, entry.uid, conn)
         user = self.online[entry.key]
         before = user.servers(self.server)
         user.conns.discard(conn)
@@ -207,10 +231,10 @@ class Hub(MeshRouting):
             return []
         effects: list[Effect] = self._tell_peers(user, online=False)
         if entry.account:
-            self._accounts[entry.key].last_seen = now
-            effects.append(SaveLastSeen(entry.user, now))
+            self._last_seen[entry.uid] = now
+            effects.append(SaveLastSeen(entry.uid, now))
         else:
-            effects.append(DropBacklog(entry.user, now))
+            effects.append(DropBacklog(entry.uid, now))
         return effects + self._presence_changed(entry.key, before, now)
 
     def _presence_changed(
@@ -226,8 +250,10 @@ class Hub(MeshRouting):
             event = messages.Presence(user.name, True, server=after[0], servers=after)
         else:
             del self.online[key]
-            if user.account and key in self._accounts:
-                self._accounts[key].last_seen = now
+            # The session's own account, not whoever holds the name now (a renamed one).
+            holder = user.uid if user.uid in self.book else self.book.holder(user.name)
+            if holder is not None:
+                self._last_seen[holder] = now
             else:
                 self._remember_guest(user.name, now, account=user.account)
             event = messages.Presence(user.name, False, last_seen=now)
@@ -254,9 +280,9 @@ class Hub(MeshRouting):
             case messages.BroadcastRequest(text=text):
                 return self._broadcast(conn, entry, text, req_id, now)
             case messages.ReceivedRequest(msg=msg):
-                return self._receipt(msg, entry.user, "delivered", now)
+                return self._receipt(msg, entry.user, entry.uid, "delivered", now)
             case messages.ReadRequest(msg=msg):
-                return self._receipt(msg, entry.user, "read", now)
+                return self._receipt(msg, entry.user, entry.uid, "read", now)
             case messages.TypingRequest(to=to):
                 return self._typing(entry.user, to)
             case messages.UsersRequest(after=after):
@@ -279,24 +305,35 @@ class Hub(MeshRouting):
         self._seq += 1
         return seq, f"{self._msg_prefix}{seq}"
 
+    def _recipient(self, to: str) -> tuple[str, str]:
+        """Whom a ``send`` to ``to`` is for: (the name it goes by, its identity).
+
+        Raises:
+            ProtocolError: ``offline`` (a guest who left), ``no_such_user``.
+        """
+        key = name_key(to) if is_valid_name(to) else None
+        holder = self.book.holder(to) if key else None
+        if holder is not None:
+            return self.book.name_of(holder) or to, holder  # stored until they log in
+        target = self.online.get(key) if key else None
+        if target is not None:
+            if target.conns:
+                return target.name, target.uid
+            # A guest (or an account whose record has not reached us yet) elsewhere.
+            server = min(target.remote)
+            return target.name, target.remote[server].uid
+        if key in self._gone_guests:
+            raise ProtocolError(errors.OFFLINE, f"{to} is a guest who is not online now")
+        raise ProtocolError(errors.NO_SUCH_USER, f"there is no user {to[:40]}")
+
     def _send(
         self, conn: int, entry: ConnEntry, to: str, text: str, req_id: RequestId, now: int
     ) -> list[Effect]:
         self._check_text(text)
-        key = name_key(to) if is_valid_name(to) else None
-        target = self.online.get(key) if key else None
-        if target is not None:
-            to = target.name
-        elif key in self._accounts:
-            to = self._accounts[key].name  # stored until they log in
-        elif key in self._gone_guests:
-            raise ProtocolError(errors.OFFLINE, f"{to} is a guest who is not online now")
-        else:
-            raise ProtocolError(errors.NO_SUCH_USER, f"there is no user {to[:40]}")
+        to, to_uid = self._recipient(to)
         seq, msg = self._next_msg_id()
-        stored = StoredMessage(msg, entry.user, to, text, now, req_id)
-        relay_to = {s: i.since for s, i in target.remote.items()} if target is not None else {}
-        return [StoreMessage(stored, seq, conn, req_id, relay_to)]
+        stored = StoredMessage(msg, entry.user, to, text, now, req_id, entry.uid, to_uid)
+        return [StoreMessage(stored, seq, conn, req_id)]
 
     def _broadcast(
         self, conn: int, entry: ConnEntry, text: str, req_id: RequestId, now: int
@@ -325,34 +362,26 @@ class Hub(MeshRouting):
         *,
         duplicate: bool,
         now: int | None = None,
-        relay_to: dict[str, int] | None = None,
     ) -> list[Effect]:
         """``stored`` is on disk; ``duplicate`` means it was a resend of that message.
 
-        ``now`` stamps receipts of text-mode connections (the message's time if None);
-        ``relay_to`` is the StoreMessage's: servers the recipient was on when it was sent.
+        ``now`` stamps receipts of text-mode connections (the message's time if None).
         """
         effects: list[Effect] = []
         if conn in self.conns:
             effects.append(Reply(conn, messages.Sent(stored.msg, stored.ts), req_id))
         if duplicate:
             return effects
-        target = self.online.get(name_key(stored.to))
-        if target is None:
-            return effects + self._relay_all(stored, None, relay_to)
-        ready = [c for c in sorted(target.conns) if not self.conns[c].backlog_pending]
+        uid = stored.to_uid
+        ready = [
+            c for c in sorted(self.local_uids.get(uid, ())) if not self.conns[c].backlog_pending
+        ]
         effects += self._deliver_private(ready, [stored], now)
-        return effects + self._relay_all(stored, target, relay_to)
-
-    def _relay_all(
-        self, stored: StoredMessage, target: OnlineUser | None, relay_to: dict[str, int] | None
-    ) -> list[Effect]:
-        servers = dict(relay_to or {})
-        if target is not None:
-            servers.update({server: info.since for server, info in target.remote.items()})
-        effects: list[Effect] = []
-        for server, since in sorted(servers.items()):
-            effects += self._relay(server, stored, since)
+        # Where the recipient is online elsewhere, unless that server's backlog for it is
+        # being loaded: the message is in it, in order (protocol.md "Store and forward").
+        for server in sorted(self.remote_uids.get(uid, ())):
+            if (server, uid) not in self._pushing:
+                effects.append(ToPeers([server], _relay(stored)))
         return effects
 
     def _deliver_private(
@@ -365,30 +394,40 @@ class Hub(MeshRouting):
                 effects.append(Deliver(conns, stored.as_event()))
             if auto_ack:
                 shown = stored.ts if now is None else now
-                effects.append(StoreReceipt(stored.msg, stored.to, "delivered", shown))
+                effects.append(
+                    StoreReceipt(stored.msg, stored.to, "delivered", shown, stored.to_uid)
+                )
         return effects
 
-    def backlog_loaded(
-        self, conn: int, batch: list[StoredMessage], now: int | None = None
-    ) -> list[Effect]:
-        """``conn``'s stored messages, oldest first, loaded in order with live ones."""
+    def backlog_loaded(self, conn: int, backlog: Backlog, now: int | None = None) -> list[Effect]:
+        """What is owed to ``conn``'s identity, loaded in order with live messages:
+        stored messages (oldest first) and receipts kept for it while it was away."""
         entry = self.conns.get(conn)
         if entry is None:
             return []
         entry.backlog_pending = False
-        return self._deliver_private([conn], batch, now)
+        effects = self._deliver_private([conn], backlog.messages, now)
+        if backlog.receipts:
+            for owed in backlog.receipts:
+                effects.append(Deliver([conn], owed.event()))
+            effects.append(ReceiptsTold([(r.msg, r.bits) for r in backlog.receipts]))
+        return effects
 
-    def receipt_stored(self, msg: str, sender: str, by: str, status: str, ts: int) -> list[Effect]:
-        """A receipt was recorded for the first time: tell the sender's connections."""
-        target = self.online.get(name_key(sender))
-        if target is None:
-            return []
+    def receipt_stored(
+        self, msg: str, sender: str, sender_uid: str, by: str, status: str, ts: int
+    ) -> list[Effect]:
+        """A receipt was recorded for the first time: tell the sender wherever it is, or
+        keep it for the sender's next login (protocol.md "Receipts across the mesh")."""
+        conns = sorted(self.local_uids.get(sender_uid, ()))
+        servers = sorted(self.remote_uids.get(sender_uid, ()))
         effects: list[Effect] = []
-        if target.conns:
-            effects.append(Deliver(sorted(target.conns), messages.Receipt(msg, status, by, ts)))
-        if target.remote:
-            notice = peerproto.ReceiptNotice(msg, target.name, status, by, ts)
-            effects.append(ToPeers(sorted(target.remote), notice))
+        if conns:
+            effects.append(Deliver(conns, messages.Receipt(msg, status, by, ts)))
+        if servers:
+            notice = peerproto.ReceiptNotice(msg, sender, status, by, ts, sender_uid)
+            effects.append(ToPeers(servers, notice))
+        if not conns and not servers and sender_uid in self.book:
+            effects.append(OweReceipts([(msg, RECEIPT_BITS[status])]))
         return effects
 
     # --- views --------------------------------------------------------------------
@@ -417,12 +456,25 @@ class Hub(MeshRouting):
         if user is not None:
             servers = self._servers(user)
             return messages.Status(user.name, True, server=servers[0], servers=servers)
-        seen = self._accounts.get(key) or self._gone_guests.get(key)
+        holder = self.book.holder(name)
+        if holder is not None:
+            shown = self.book.name_of(holder) or name
+            return messages.Status(shown, False, last_seen=self._last_seen.get(holder))
+        seen = self._gone_guests.get(key)
         if seen is None:
             raise ProtocolError(errors.NO_SUCH_USER, f"there is no user {name[:40]}")
         return messages.Status(seen.name, False, last_seen=seen.last_seen)
 
 
-def check_name(name: str) -> None:
-    if not is_valid_name(name):
-        raise ProtocolError(errors.BAD_NAME, describe_name_rule())
+def _relay(stored: StoredMessage) -> peerproto.Relay:
+    return peerproto.Relay(
+        stored.msg, stored.sender, stored.to, stored.text, stored.ts, stored.to_uid
+    )
+
+
+def _discard(index: dict[str, set[int]], uid: str, conn: int) -> None:
+    conns = index.get(uid)
+    if conns is not None:
+        conns.discard(conn)
+        if not conns:
+            del index[uid]

@@ -212,6 +212,17 @@ class Bye:
 
 
 @attrs.frozen
+class Renamed:
+    """This account lost its name to an earlier registration of it (protocol.md "Name
+    conflicts") and goes on as ``user``; ``old`` is the name it was registered with."""
+
+    TYPE: ClassVar[str] = "renamed"
+    old: str
+    user: str
+    message: str
+
+
+@attrs.frozen
 class HelpText:
     """Text mode's answer to ``/help``."""
 
@@ -231,6 +242,7 @@ Event = (
     | Pong
     | Error
     | Bye
+    | Renamed
     | HelpText
 )
 

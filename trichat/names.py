@@ -8,6 +8,9 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from trichat import errors
+from trichat.errors import ProtocolError
+
 MAX_NAME_CHARS: Final = 32
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 
@@ -24,3 +27,9 @@ def name_key(name: str) -> str:
 
 def describe_name_rule() -> str:
     return "a name is 1-32 characters: letters, digits, '_', '-' or '.'"
+
+
+def check_name(name: str) -> None:
+    """Raises ProtocolError ``bad_name`` unless ``name`` follows the rule."""
+    if not is_valid_name(name):
+        raise ProtocolError(errors.BAD_NAME, describe_name_rule())

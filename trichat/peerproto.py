@@ -20,17 +20,19 @@ import cattrs
 import orjson
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from trichat.accounts import AccountRecord
 from trichat.codec import strict_converter
 from trichat.framing import NEED_DATA, TOO_LONG, LineFramer
 from trichat.names import is_valid_name
 
-PEER_PROTOCOL_VERSION: Final = 1
+PEER_PROTOCOL_VERSION: Final = 2
 MAX_PEER_LINE_BYTES: Final = 4 * 1024 * 1024  # a snapshot page of 1000 sessions fits easily
 HANDSHAKE_LINE_BYTES: Final = 4096  # before a peer has proved it knows the secret
 HEARTBEAT_S: Final = 1.0  # a ping when nothing else was sent for this long
 PEER_TIMEOUT_S: Final = 4.0  # nothing heard for this long: the link is dead
 HANDSHAKE_TIMEOUT_S: Final = 5.0
 MAX_BAD_LINES: Final = 100  # undecodable lines from an authenticated peer before we hang up
+ACCOUNTS_PER_MESSAGE: Final = 1000  # account records in one ``accounts`` message
 
 
 class PeerError(Exception):
@@ -84,6 +86,8 @@ class SessionInfo:
     user: str
     account: bool
     since: int  # ms: when this user's first connection on that server logged in
+    uid: str = ""  # the account's id, or the guest session's (protocol.md "Identities")
+    logins: int = 1  # connections that logged in to it there so far: a new one is told again
 
 
 @attrs.define
@@ -107,15 +111,15 @@ class SessionChange:
     online: bool
     account: bool
     since: int
+    uid: str = ""
+    logins: int = 1
 
 
 @attrs.define
 class Relay:
-    """A private message for a user connected to the receiving server; acknowledged.
-
-    ``since`` names the recipient's session there (its ``since`` as that server reported it):
-    a guest who left and a new guest of the same name are different people.
-    """
+    """A private message for ``uid`` (an account, or one guest session), connected to the
+    receiving server. Not acknowledged: the server that stored it keeps offering it until
+    the recipient's ``received`` comes back (protocol.md "Store and forward")."""
 
     TYPE: ClassVar[str] = "relay"
     msg: str
@@ -123,13 +127,59 @@ class Relay:
     to: str
     text: str
     ts: int
-    since: int | None = None
+    uid: str
+    push: bool = False  # part of a backlog push (ends with ``pushed``), not a live relay
 
 
 @attrs.define
-class RelayAck:
-    TYPE: ClassVar[str] = "relay_ack"
-    msgs: list[str]
+class Pushed:
+    """The end of a backlog push for ``uid``: its connections that logged in before the
+    push take live relays from the sender again (protocol.md "Store and forward")."""
+
+    TYPE: ClassVar[str] = "pushed"
+    uid: str
+
+
+@attrs.define
+class AccountsHave:
+    """Sent on link-up: for each origin, up to which oseq the sender has every record."""
+
+    TYPE: ClassVar[str] = "accounts_have"
+    have: dict[str, int]
+
+
+@attrs.define
+class Accounts:
+    """Account records the receiver lacks (on link-up), or new ones (as they are made)."""
+
+    TYPE: ClassVar[str] = "accounts"
+    records: list[AccountRecord]
+    rid: str | None = None  # a new registration's: answer claim_reply once it is stored
+
+
+@attrs.define
+class Claim:
+    """The sender is registering ``name`` (protocol.md "Registering across the mesh")."""
+
+    TYPE: ClassVar[str] = "claim"
+    rid: str
+    name: str
+    created: int
+
+
+@attrs.define
+class ClaimReply:
+    TYPE: ClassVar[str] = "claim_reply"
+    rid: str
+    ok: bool
+
+
+@attrs.define
+class ClaimEnd:
+    """The registration ``rid`` failed: forget the claim."""
+
+    TYPE: ClassVar[str] = "claim_end"
+    rid: str
 
 
 @attrs.define
@@ -150,6 +200,7 @@ class PeerReceipt:
     status: str
     by: str
     ts: int
+    uid: str  # the recipient's identity: who answered must be who it was for
 
 
 @attrs.define
@@ -162,6 +213,7 @@ class ReceiptNotice:
     status: str
     by: str
     ts: int
+    uid: str  # the sender's identity: only its connections are told
 
 
 @attrs.define
@@ -185,7 +237,12 @@ PeerMessage = (
     | Snapshot
     | SessionChange
     | Relay
-    | RelayAck
+    | Pushed
+    | AccountsHave
+    | Accounts
+    | Claim
+    | ClaimReply
+    | ClaimEnd
     | PeerBroadcast
     | PeerReceipt
     | ReceiptNotice
@@ -254,6 +311,12 @@ def _check_names(message: PeerMessage) -> None:
             names = [user]
         case Relay(sender=sender, to=to) | PeerTyping(sender=sender, to=to):
             names = [sender, to]
+        case Accounts(records=records):
+            names = [n for r in records for n in (r.name, r.origin)]
+        case Claim(name=name):
+            names = [name]
+        case AccountsHave(have=have):
+            names = list(have)
         case PeerReceipt(by=by):
             names = [by]
         case ReceiptNotice(sender=sender, by=by):

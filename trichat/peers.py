@@ -46,7 +46,6 @@ class Link:
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     up: bool = False
     sending: trio.Lock = attrs.Factory(trio.Lock)  # the writer and a refusal both write
-    acks: list[str] = attrs.Factory(list)  # relay_acks waiting for the next write
 
     async def write(self, data: bytes) -> None:
         async with self.sending:
@@ -108,14 +107,6 @@ class PeerManager:
 
     def send(self, servers: list[str], message: peerproto.PeerMessage) -> None:
         """Queue ``message`` for each linked server in ``servers`` (encoded once)."""
-        if isinstance(message, peerproto.RelayAck):
-            # One relay_ack per write, not per relay: they are collected until the writer runs.
-            for server in servers:
-                link = self.links.get(server)
-                if link is not None:
-                    link.acks += message.msgs
-                    link.wake.set()
-            return
         line = peerproto.encode_peer(message)
         for server in servers:
             link = self.links.get(server)
@@ -230,9 +221,6 @@ class PeerManager:
             while True:
                 await link.wake.wait()
                 link.wake = trio.Event()
-                if link.acks:
-                    link.proto.send(peerproto.RelayAck(link.acks), trio.current_time())
-                    link.acks = []
                 data = link.proto.data_to_send()
                 link.queued = 0
                 if data:

@@ -48,7 +48,7 @@ def _address(listeners: list[trio.SocketListener]) -> str:
 
 async def _open_database(settings: Settings) -> Database:
     try:
-        return await trio.to_thread.run_sync(Database, settings.data)
+        return await trio.to_thread.run_sync(Database, settings.data, settings.name)
     except Exception as exc:
         raise StartupError(f"can't open the database in {settings.data}: {exc}") from None
 
@@ -97,6 +97,7 @@ def build_service(settings: Settings, db: Database) -> ChatService:
     hub = Hub(
         settings.name,
         accounts=db.accounts(),
+        last_seen=db.last_seen(),
         next_seq=db.next_seq(),
         incarnation=db.incarnation,
         max_text_chars=settings.max_text_chars,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,15 +22,22 @@ from trichat.connection import Connection
 from trichat.errors import ProtocolError
 from trichat.hub import (
     AfterStored,
+    Backlog,
+    ClaimSettled,
     Close,
     Deliver,
     DropBacklog,
     Effect,
     FetchBacklog,
     Hub,
+    OweReceipts,
+    OweToPeer,
+    PushBacklog,
+    ReceiptsTold,
     Reply,
     SaveLastSeen,
-    StoredMessage,
+    SendOwedToPeer,
+    StoreAccounts,
     StoreMessage,
     StoreReceipt,
     ToPeers,
@@ -47,18 +55,23 @@ from trichat.messages import (
     RegisterRequest,
 )
 from trichat.outbox import Outbox
+from trichat.peerproto import PeerReceipt
+from trichat.registration import Registration
 from trichat.session import Incoming, Kick, Refused, Session
 from trichat.store import (
+    AddAccounts,
     Barrier,
     CreateAccount,
     DiscardBacklog,
-    GetPasswordHash,
     Inserted,
     InsertMessage,
+    KeepForPeer,
     LoadBacklog,
     MarkReceipt,
+    MarkReceiptsOwed,
     Store,
     StoreError,
+    TakeKeptForPeer,
 )
 from trichat.store import SaveLastSeen as StoreLastSeen
 from trichat.textmode import HELP_TEXT
@@ -70,6 +83,9 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 256  # requests served from one read before other tasks get a turn
 PASSWORD_THREADS = 2  # scrypt is CPU-bound: never let logins starve the event loop's core
+# A registration waits this long at most for its linked peers' answers to its claim; a peer
+# that has not answered by then is treated as cut off (protocol.md "Name conflicts").
+CLAIM_WAIT_S = 2.0
 
 
 def now_ms() -> int:
@@ -97,6 +113,7 @@ class ChatService:
         self._dirty: list[Connection] = []
         self._flush_due = trio.Event()
         self._flusher_running = False
+        self._claims: dict[str, trio.Event] = {}  # registrations waiting for peers' replies
 
     async def run_flusher(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -204,19 +221,25 @@ class ChatService:
                 await self.execute(self.hub.handle(conn.id, request, req_id, now_ms()))
 
     async def _login(self, conn: Connection, req: LoginRequest, req_id: RequestId) -> None:
-        account = self.hub.check_login(req.user, req.password)
-        if account:
+        candidates = self.hub.check_login(req.user, req.password)
+        uid: str | None = None
+        if candidates:
             assert req.password is not None
             if len(req.password) > self.settings.max_password_chars:
                 # Never hash a megabyte: no account can have a password this long.
                 raise ProtocolError(errors.AUTH_FAILED, "wrong name or password")
-            stored = await self._call_store(GetPasswordHash(req.user))
-            ok = stored is not None and await trio.to_thread.run_sync(
-                passwords.verify_password, req.password, stored, limiter=self._password_limiter
-            )
-            if not ok:
+            for record in candidates:  # one, unless the name was registered twice (renamed)
+                if await trio.to_thread.run_sync(
+                    passwords.verify_password,
+                    req.password,
+                    record.pw_hash,
+                    limiter=self._password_limiter,
+                ):
+                    uid = record.uid
+                    break
+            if uid is None:
                 raise ProtocolError(errors.AUTH_FAILED, "wrong name or password")
-        self._logged_in(conn, req.user, req_id)
+        self._logged_in(conn, req.user, req_id, uid)
 
     async def _register(self, conn: Connection, req: RegisterRequest, req_id: RequestId) -> None:
         s = self.settings
@@ -226,25 +249,47 @@ class ChatService:
                 errors.WEAK_PASSWORD,
                 f"a password needs {s.min_password_chars} to {s.max_password_chars} characters",
             )
-        self.hub.reserve(req.user)
+        # protocol.md "Registering across the mesh": the name is claimed from every linked
+        # peer while the password is hashed; welcome only once none holds an earlier claim.
+        reg, effects = self.hub.begin_register(req.user, now_ms())
+        self.apply(effects)
         try:
             pw_hash = await trio.to_thread.run_sync(
                 passwords.hash_password, req.password, limiter=self._password_limiter
             )
-            if not await self._call_store(CreateAccount(req.user, pw_hash, now_ms())):
+            await self._wait_settled(reg)
+            record = self.hub.make_account(reg, secrets.token_hex(8), pw_hash)
+            if not await self._call_store(CreateAccount(record)):
                 raise ProtocolError(errors.NAME_TAKEN, f"{req.user} is taken; pick another name")
         except BaseException:
-            self.hub.release(req.user)
+            self.apply(self.hub.abort_register(reg))
             raise
-        self.hub.add_account(req.user)
-        log.info("account %s registered", req.user)
-        self._logged_in(conn, req.user, req_id)
+        self.apply(self.hub.account_stored(reg, record))
+        try:
+            await self._wait_settled(reg)  # every linked peer knows it: log in anywhere
+        finally:
+            self.hub.announced(reg)
+        log.info("account %s registered (%s)", req.user, record.uid)
+        self._logged_in(conn, req.user, req_id, record.uid)
 
-    def _logged_in(self, conn: Connection, user: str, req_id: RequestId) -> None:
+    async def _wait_settled(self, reg: Registration) -> None:
+        """Wait (at most CLAIM_WAIT_S) until every linked peer answered ``reg``."""
+        if reg.settled:
+            return
+        settled = self._claims[reg.rid] = trio.Event()
+        try:
+            with trio.move_on_after(CLAIM_WAIT_S):
+                await settled.wait()
+        finally:
+            del self._claims[reg.rid]
+
+    def _logged_in(
+        self, conn: Connection, user: str, req_id: RequestId, uid: str | None = None
+    ) -> None:
         if conn.closing:
             return
         effects = self.hub.login(
-            conn.id, user, auto_ack=conn.session.text_mode, now=now_ms(), req_id=req_id
+            conn.id, user, auto_ack=conn.session.text_mode, now=now_ms(), req_id=req_id, uid=uid
         )
         conn.session.logged_in(self.hub.conns[conn.id].user)
         self.apply(effects)
@@ -277,16 +322,32 @@ class ChatService:
                     self._deliver(effect)
                 case StoreMessage():
                     self.store.submit_nowait(*self._insert(effect))
-                case StoreReceipt(msg=msg, by=by, status=status, ts=ts):
+                case StoreReceipt(msg=msg, status=status, ts=ts, uid=uid):
                     self.store.submit_nowait(
-                        MarkReceipt(msg, by, status, ts), self._on_receipt(effect)
+                        MarkReceipt(msg, uid, status, ts), self._on_receipt(effect)
                     )
-                case FetchBacklog(conn=conn_id, user=user):
-                    self.store.submit_nowait(LoadBacklog(user), self._on_backlog(conn_id))
-                case SaveLastSeen(user=user, ts=ts):
-                    self.store.submit_nowait(StoreLastSeen(user, ts), _ignore)
-                case DropBacklog(user=user, ts=ts):
-                    self.store.submit_nowait(DiscardBacklog(user, ts), _ignore)
+                case FetchBacklog(conn=conn_id, uid=uid):
+                    self.store.submit_nowait(LoadBacklog(uid), self._on_backlog(conn_id))
+                case PushBacklog(server=server, uid=uid, token=token):
+                    self.store.submit_nowait(LoadBacklog(uid), self._on_push(server, uid, token))
+                case SaveLastSeen(uid=uid, ts=ts):
+                    self.store.submit_nowait(StoreLastSeen(uid, ts), _ignore)
+                case DropBacklog(uid=uid, ts=ts):
+                    self.store.submit_nowait(DiscardBacklog(uid, ts), _ignore)
+                case OweReceipts(receipts=receipts):
+                    self.store.submit_nowait(MarkReceiptsOwed(receipts, owed=True), _ignore)
+                case ReceiptsTold(receipts=receipts):
+                    self.store.submit_nowait(MarkReceiptsOwed(receipts, owed=False), _ignore)
+                case OweToPeer(server=server, receipt=receipt):
+                    self.store.submit_nowait(KeepForPeer(server, receipt), _ignore)
+                case SendOwedToPeer(server=server):
+                    self.store.submit_nowait(TakeKeptForPeer(server), self._on_kept(server))
+                case StoreAccounts(records=records):
+                    self.store.submit_nowait(AddAccounts(records), _ignore)
+                case ClaimSettled(rid=rid):
+                    waiter = self._claims.get(rid)
+                    if waiter is not None:
+                        waiter.set()
                 case AfterStored():
                     self._started(effect.conn)
                     self.store.submit_nowait(Barrier(), self._after_stored(effect))
@@ -346,7 +407,6 @@ class ChatService:
                         effect.req_id,
                         duplicate=result.duplicate,
                         now=now_ms(),
-                        relay_to=effect.relay_to,
                     )
                 )
             self._finished(effect.conn)
@@ -354,19 +414,37 @@ class ChatService:
         return done
 
     def _on_receipt(self, effect: StoreReceipt) -> Any:
-        def done(sender: str | StoreError | None) -> None:
-            if isinstance(sender, str):
+        def done(news: tuple[str, str] | StoreError | None) -> None:
+            if isinstance(news, tuple):
+                sender, sender_uid = news
                 self.apply(
-                    self.hub.receipt_stored(effect.msg, sender, effect.by, effect.status, effect.ts)
+                    self.hub.receipt_stored(
+                        effect.msg, sender, sender_uid, effect.by, effect.status, effect.ts
+                    )
                 )
 
         return done
 
     def _on_backlog(self, conn_id: int) -> Any:
-        def done(batch: list[StoredMessage] | StoreError) -> None:
-            if isinstance(batch, StoreError):
-                batch = []  # offered again at the next login
-            self.apply(self.hub.backlog_loaded(conn_id, batch, now_ms()))
+        def done(backlog: Backlog | StoreError) -> None:
+            if isinstance(backlog, StoreError):
+                backlog = Backlog()  # offered again at the next login
+            self.apply(self.hub.backlog_loaded(conn_id, backlog, now_ms()))
+
+        return done
+
+    def _on_push(self, server: str, uid: str, token: int) -> Any:
+        def done(backlog: Backlog | StoreError) -> None:
+            if isinstance(backlog, StoreError):
+                backlog = Backlog()  # offered again at the recipient's next appearance
+            self.apply(self.hub.backlog_for_peer(server, uid, token, backlog))
+
+        return done
+
+    def _on_kept(self, server: str) -> Any:
+        def done(receipts: list[PeerReceipt] | StoreError) -> None:
+            if not isinstance(receipts, StoreError):
+                self.apply(self.hub.owed_loaded(server, receipts))
 
         return done
 

@@ -160,6 +160,7 @@ _RENDERERS: Final[dict[type, Callable[[object], str]]] = {
     messages.Pong: lambda e: "* pong",
     messages.Error: lambda e: f"! {e.code}: {e.message}",  # type: ignore[attr-defined]
     messages.Bye: lambda e: f"* bye: {e.message}",  # type: ignore[attr-defined]
+    messages.Renamed: lambda e: f"* renamed: {e.message}",  # type: ignore[attr-defined]
     messages.HelpText: lambda e: e.text,  # type: ignore[attr-defined]
 }
 

@@ -24,7 +24,7 @@ import pytest
 from tests.e2e.conftest import Serve
 from tests.e2e.proc import SOCKET_TIMEOUT_S, LineClient, ServerProcess
 from tests.e2e.tcpproxy import SILENT, TcpProxy
-from trichat.peerproto import HANDSHAKE_TIMEOUT_S, PEER_TIMEOUT_S
+from trichat.peerproto import HANDSHAKE_TIMEOUT_S, PEER_PROTOCOL_VERSION, PEER_TIMEOUT_S
 
 pytestmark = pytest.mark.e2e
 
@@ -673,11 +673,6 @@ def test_silent_partition_is_noticed_by_heartbeats_and_heals(mesh: Mesh) -> None
     no_tracebacks(pa, pb)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (or missing): accounts are not known across the mesh; an account "
-    "registered on s0 gets auth_failed 'there is no account' on s1",
-)
 def test_an_account_registered_on_one_server_logs_in_on_another(mesh: Mesh) -> None:
     """contract.md: a registered name needs its password and may be logged in from several
     connections; a message for it while offline is delivered when it next logs in, "on any
@@ -768,7 +763,12 @@ def test_junk_on_the_peer_port_is_refused_and_disturbs_nobody(mesh: Mesh) -> Non
     # Posing as s0, a real member, without the secret: s1 answers with its hello, refuses
     # the forged proof (and says so in its log), and the real s0 link is untouched.
     with peer_socket(s1) as fake:
-        hello = {"type": "hello", "version": 1, "server": "s0", "addr": "127.0.0.1:1"}
+        hello = {
+            "type": "hello",
+            "version": PEER_PROTOCOL_VERSION,
+            "server": "s0",
+            "addr": "127.0.0.1:1",
+        }
         fake.sendall(json.dumps({**hello, "nonce": "ab"}).encode() + b"\n")
         answer, rest = read_line(fake)
         assert (answer["type"], answer["server"]) == ("hello", "s1"), answer
@@ -849,7 +849,7 @@ def fake_hello(port: int) -> bytes:
     """An acceptor's hello with a proof that can't be right."""
     hello = {
         "type": "hello",
-        "version": 1,
+        "version": PEER_PROTOCOL_VERSION,
         "server": "impostor",
         "addr": f"127.0.0.1:{port}",
         "nonce": "00",
@@ -916,7 +916,12 @@ def test_acceptor_refuses_a_quick_refusal_cleanly(mesh: Mesh) -> None:
 
     def dial_and_refuse() -> None:
         with contextlib.suppress(OSError), peer_socket(node) as sock:
-            hello = {"type": "hello", "version": 1, "server": "other", "addr": "127.0.0.1:1"}
+            hello = {
+                "type": "hello",
+                "version": PEER_PROTOCOL_VERSION,
+                "server": "other",
+                "addr": "127.0.0.1:1",
+            }
             sock.sendall(json.dumps({**hello, "nonce": "00"}).encode() + b"\n")
             if sock.recv(65536):
                 sock.sendall(b'{"type":"refuse","reason":"the peer does not know the secret"}\n')

@@ -284,16 +284,17 @@ async def test_resend_after_reconnect_is_the_same_message(
     make_service: ServiceFactory, connect: Connect
 ) -> None:
     service = await make_service()
-    bob = await connect(service)
-    await bob.register("bob", PASSWORD)
-    await bob.aclose()
-    alice = await login(connect, service, "alice")
+    for name in ("bob", "alice"):
+        client = await connect(service)
+        await client.register(name, PASSWORD)
+        await client.aclose()
+    alice = await login(connect, service, "alice", PASSWORD)
     await alice.send("send", id=99, to="bob", text="did it arrive?")
     first = await alice.expect("sent", id=99)
     await alice.aclose()
 
     # The connection broke; the client logs in again and resends.
-    alice = await login(connect, service, "alice")
+    alice = await login(connect, service, "alice", PASSWORD)
     await alice.send("send", id=99, to="bob", text="did it arrive?")
     assert await alice.expect("sent", id=99) == first
 
@@ -301,6 +302,28 @@ async def test_resend_after_reconnect_is_the_same_message(
     assert (await bob.expect("message"))["msg"] == first["msg"]
     await alice.request("send", to="bob", text="marker")
     assert (await bob.expect("message"))["text"] == "marker"
+
+
+async def test_a_new_guest_of_a_reused_name_is_never_taken_for_a_resend(
+    make_service: ServiceFactory, connect: Connect
+) -> None:
+    # protocol.md "Resend": guests are told apart by session, not name: two people who
+    # use the guest name alice one after the other, with the same id and text, are two
+    # messages (one must never swallow the other's).
+    service = await make_service()
+    bob = await connect(service)
+    await bob.register("bob", PASSWORD)
+    await bob.aclose()
+    sent = []
+    for _ in range(2):
+        alice = await login(connect, service, "alice")
+        await alice.send("send", id=1, to="bob", text="hi")
+        sent.append((await alice.expect("sent", id=1))["msg"])
+        await alice.aclose()
+    assert sent[0] != sent[1]
+    bob = await login(connect, service, "bob", PASSWORD)
+    got = {(await bob.expect("message"))["msg"] for _ in range(2)}
+    assert got == set(sent)
 
 
 async def test_registered_names_ignore_case_and_keep_their_spelling(

@@ -43,17 +43,27 @@ import attrs
 from hypothesis import strategies as st
 
 from trichat import messages, peerproto
+from trichat.accounts import AccountRecord
+from trichat.effects import OwedReceipt
 from trichat.errors import ProtocolError
 from trichat.hub import (
     AfterStored,
+    Backlog,
+    ClaimSettled,
     Close,
     Deliver,
     DropBacklog,
     Effect,
     FetchBacklog,
     Hub,
+    OweReceipts,
+    OweToPeer,
+    PushBacklog,
+    ReceiptsTold,
     Reply,
     SaveLastSeen,
+    SendOwedToPeer,
+    StoreAccounts,
     StoredMessage,
     StoreMessage,
     StoreReceipt,
@@ -61,36 +71,23 @@ from trichat.hub import (
 )
 from trichat.messages import Event
 from trichat.names import name_key
+from trichat.registration import Registration
 
 SERVERS = ("s0", "s1", "s2", "s3")
-ACCOUNTS = ("Acc",)  # registered on s0 (or, with accounts_everywhere, on every server)
+ACCOUNTS = ("Acc",)  # registered on s0 (or, with accounts_everywhere, stored on every server)
 NAMES = ("ann", "bob", "BOB", "cy", "dan", "Acc", "acc")  # guests, case variants, an account
 NEW_ACCOUNTS = ("cy", "dan", "Dan")  # what Register steps may register
 T0 = 1_700_000_000_000
 PASSWORD = "pw"  # the shell checks passwords; the hub only asks whether one was given
+SEED_ACCOUNTS = tuple(
+    AccountRecord(f"{i:016x}", name, "hash", T0 - 1000, "s0", i + 1)
+    for i, name in enumerate(ACCOUNTS)
+)
 
 # Known bugs in the routing core (trichat/hub.py, trichat/mesh.py), each with a strict xfail
-# in test_mesh.py. Unless a Mesh is ``strict``, what they do is not counted against the
-# mesh, so the property test keeps looking for new bugs; each is excused only under its
-# precise condition.
-CRASH_LOSES_RELAYS = (
-    "the sender's server crashed before the recipient's server acknowledged the relay: "
-    "pending relays live only in memory, and nothing re-reads them from storage"
-)
-SINCE_REUSED_AFTER_RESTART = (
-    "a relay names the recipient's guest session by its since, which is unique only within "
-    "one run of a server (Hub._last_since starts again at 0): a restarted server can give a "
-    "new guest of the name the since of one from before the crash (since runs ahead of the "
-    "clock after a burst of logins, or the clock steps back), and a relay still pending for "
-    "the old session is delivered to the new one"
-)
-ACCOUNT_REGISTERED_TWICE = (
-    "check_register knows only this server's accounts and who is online: a name registered "
-    "on another server by someone who is offline now can be registered again here, by "
-    "someone else; once both are online the mesh takes them for one user (one presence "
-    "entry, each one's private messages relayed to the other)"
-)
-KNOWN_BUGS = (CRASH_LOSES_RELAYS, SINCE_REUSED_AFTER_RESTART, ACCOUNT_REGISTERED_TWICE)
+# in test_mesh.py, would be listed here with the exact condition under which the property
+# test excuses them. None is known now.
+KNOWN_BUGS: tuple[str, ...] = ()
 
 # --- steps ----------------------------------------------------------------------------
 
@@ -277,25 +274,28 @@ class Row:
     delivered: bool = False
     read: bool = False
     dropped: bool = False
+    owed: int = 0  # receipts kept for an absent sender (1 delivered, 2 read)
+    times: dict[str, int] = attrs.Factory(dict)  # status -> when
 
 
 @attrs.define
 class Storage:
-    """One server's database: it survives crashes."""
+    """One server's database (database.py): it survives crashes."""
 
-    accounts: dict[str, int | None]
+    accounts: dict[str, AccountRecord] = attrs.Factory(dict)
     rows: dict[str, Row] = attrs.Factory(dict)
     top_seq: int = 0
+    kept: dict[str, dict[tuple[str, str, str], peerproto.PeerReceipt]] = attrs.Factory(dict)
 
     def insert(self, stored: StoredMessage, seq: int, stamp: int) -> None:
         assert stored.msg not in self.rows, f"message id {stored.msg} stored twice"
         self.rows[stored.msg] = Row(stored, seq, stamp)
         self.top_seq = max(self.top_seq, seq)
 
-    def mark(self, msg: str, by: str, status: str) -> str | None:
-        """store.py's MarkReceipt: the sender if this receipt is news."""
+    def mark(self, msg: str, uid: str, status: str, ts: int) -> tuple[str, str] | None:
+        """database.py's MarkReceipt: (sender, sender_uid) if this receipt is news."""
         row = self.rows.get(msg)
-        if row is None or row.dropped or name_key(row.stored.to) != name_key(by):
+        if row is None or row.dropped or row.stored.to_uid != uid:
             return None
         if status == "delivered":
             if row.delivered:
@@ -305,16 +305,48 @@ class Storage:
             if row.read:
                 return None
             row.read = row.delivered = True
-        return row.stored.sender
+            row.times.setdefault("delivered", ts)
+        row.times[status] = ts
+        return row.stored.sender, row.stored.sender_uid
 
-    def backlog(self, user: str) -> list[StoredMessage]:
-        rows = [r for r in self.rows.values() if name_key(r.stored.to) == name_key(user)]
-        return [r.stored for r in sorted(rows, key=lambda r: r.seq) if not r.delivered]
+    def backlog(self, uid: str) -> Backlog:
+        rows = sorted(self.rows.values(), key=lambda r: r.seq)
+        backlog = Backlog([r.stored for r in rows if r.stored.to_uid == uid and not r.delivered])
+        for r in rows:
+            if r.stored.sender_uid == uid and r.owed:
+                if r.owed & 1 and r.delivered:
+                    backlog.receipts.append(
+                        OwedReceipt(r.stored.msg, "delivered", r.stored.to, 0, 1)
+                    )
+                if r.owed & 2 and r.read:
+                    backlog.receipts.append(OwedReceipt(r.stored.msg, "read", r.stored.to, 0, 2))
+        return backlog
 
-    def drop(self, user: str) -> None:
+    def drop(self, uid: str) -> None:
         for row in self.rows.values():
-            if name_key(row.stored.to) == name_key(user) and not row.delivered:
+            if row.stored.to_uid == uid and not row.delivered:
                 row.delivered = row.dropped = True
+
+    def owe(self, receipts: list[tuple[str, int]], owed: bool) -> None:
+        for msg, bits in receipts:
+            row = self.rows[msg]
+            row.owed = row.owed | bits if owed else row.owed & ~bits
+
+    def keep(self, server: str, receipt: peerproto.PeerReceipt) -> None:
+        key = (receipt.msg, receipt.uid, receipt.status)
+        self.kept.setdefault(server, {}).setdefault(key, receipt)
+
+    def take(self, server: str) -> list[peerproto.PeerReceipt]:
+        return list(self.kept.pop(server, {}).values())
+
+
+@attrs.define
+class PendingRegistration:
+    """A Register step under way (service.py's _register): claiming, then announcing."""
+
+    reg: Registration
+    phase: str = "claim"  # "claim": waiting for claim replies; "announce": for the record's
+    record: AccountRecord | None = None
 
 
 @attrs.define(eq=False)
@@ -325,6 +357,7 @@ class Server:
     incarnation: int = 0
     believes_up: set[str] = attrs.Factory(set)  # peers it called peer_up for, not peer_down
     queue: deque[Callable[[], list[Effect]]] = attrs.Factory(deque)  # storage callbacks
+    registering: list[PendingRegistration] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
@@ -337,6 +370,7 @@ class Client:
     text_mode: bool
     since: int
     stamp: int  # when it logged in, on the mesh's event counter
+    uid: str  # the account's id, or the guest session's (protocol.md "Identities")
     closing: bool = False  # told to close (logout, kicked); the hub may not know yet
     dead: bool = False  # the hub knows it is gone, or its server crashed
     kicked: bool = False
@@ -366,17 +400,17 @@ class Client:
 
 @attrs.define
 class PendingSend:
-    """A ``send`` waiting for its ``sent``: whom it is owed to is decided at the request."""
+    """A ``send`` waiting for its ``sent``."""
 
     sender_conn: int
     server: str
     incarnation: int
-    targets: dict[int, str]
 
 
 @attrs.define
 class SendRecord:
-    """A private message whose sender was told ``sent``, and who must get it."""
+    """A private message whose sender was told ``sent``: every connection of its recipient
+    identity that is live in the end must get it, unless one of them acknowledged it."""
 
     msg: str
     index: int  # order of sending, mesh-wide
@@ -384,9 +418,7 @@ class SendRecord:
     server: str
     incarnation: int
     stored: StoredMessage
-    targets: dict[int, str]  # live connections it is owed to -> their server
-    unacked: set[str]  # remote servers whose relay_ack has not come back
-    excused: dict[str, str] = attrs.Factory(dict)  # target server -> a known bug's name
+    acked: bool = False  # a connection of the recipient answered received or read
 
 
 @attrs.define
@@ -419,7 +451,8 @@ class Mesh:
     Args:
         n: how many servers (2-4).
         lazy_storage: storage callbacks wait for ``Flush`` steps.
-        strict: owe messages even where a known bug (see KNOWN_BUGS) loses them.
+        strict: owe messages even where a known bug (see KNOWN_BUGS) would lose them
+            (none is known: strict and default modes check the same).
         accounts_everywhere: the accounts are registered on every server (as replicated
             accounts would be); otherwise only on s0, as protocol.md "What the mesh does
             not do yet" says, and their names are guest names elsewhere.
@@ -440,7 +473,7 @@ class Mesh:
         self.servers: dict[str, Server] = {}
         for name in SERVERS[:n]:
             home = accounts_everywhere or name == SERVERS[0]
-            storage = Storage(dict.fromkeys(ACCOUNTS if home else ()))
+            storage = Storage({r.uid: r for r in SEED_ACCOUNTS} if home else {})
             self.servers[name] = Server(name, self._new_hub(name, storage, 0), storage)
         self.names = list(self.servers)
         self.pairs = [(a, b) for a in self.names for b in self.names if a < b]
@@ -451,6 +484,7 @@ class Mesh:
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._stamps = itertools.count(1)  # orders logins and stores
+        self._uids = itertools.count(1000)  # account ids made by Register steps
         self.pending_closes: list[int] = []
         self.records: dict[str, SendRecord] = {}
         self.pending_sends: dict[int, PendingSend] = {}  # by request id
@@ -458,17 +492,19 @@ class Mesh:
         self.broadcasts: dict[str, BroadcastRecord] = {}  # by message id
         self.typings: set[tuple[str, str]] = set()  # (sender key, to key)
         self.claims: dict[int, Claim] = {}
-        self.registered: dict[str, list[str]] = {}  # account name -> where it was registered
+        self.registered: dict[str, AccountRecord] = {}  # uid -> every account made
+        self.register_refused = 0
         self.log: list[str] = []
         self.lost_lines = 0
         for a, b in self.pairs:
             self._heal(a, b, replace_a=False, replace_b=False)
+        self.quiesce()  # a schedule starts on a linked mesh that agrees on its accounts
 
     @staticmethod
     def _new_hub(name: str, storage: Storage, incarnation: int) -> Hub:
         return Hub(
             name,
-            accounts=storage.accounts.items(),
+            accounts=storage.accounts.values(),
             next_seq=storage.top_seq + 1,
             incarnation=f"i{incarnation}",
         )
@@ -500,6 +536,7 @@ class Mesh:
         self._apply(srv, effects)
         if not self.lazy_storage:
             self._flush(srv, None)
+        self._progress(srv)
 
     def _flush(self, srv: Server, count: int | None) -> None:
         done = 0
@@ -526,6 +563,8 @@ class Mesh:
                         client.kicked = bye.reason == "name_taken"
                         self.pending_closes.append(conn)
                         self._note(f"{srv.name}: close c{conn} ({bye.reason})")
+                case ClaimSettled():
+                    pass  # _progress looks at every registration after each step
                 case _:
                     srv.queue.append(self._storage_op(srv, effect))
 
@@ -533,30 +572,41 @@ class Mesh:
         hub, storage = srv.hub, srv.storage
         match effect:
             case StoreMessage(message=stored, seq=seq, conn=conn, req_id=req_id):
-                relay_to = effect.relay_to
 
                 def store() -> list[Effect]:
                     storage.insert(stored, seq, next(self._stamps))
-                    return hub.message_stored(
-                        stored, conn, req_id, duplicate=False, now=self.now, relay_to=relay_to
-                    )
+                    return hub.message_stored(stored, conn, req_id, duplicate=False, now=self.now)
 
                 return store
-            case StoreReceipt(msg=msg, by=by, status=status, ts=ts):
+            case StoreReceipt(msg=msg, by=by, status=status, ts=ts, uid=uid):
 
                 def receipt() -> list[Effect]:
-                    sender = storage.mark(msg, by, status)
-                    return [] if sender is None else hub.receipt_stored(msg, sender, by, status, ts)
+                    news = storage.mark(msg, uid, status, ts)
+                    if news is None:
+                        return []
+                    return hub.receipt_stored(msg, news[0], news[1], by, status, ts)
 
                 return receipt
-            case FetchBacklog(conn=conn, user=user):
-                return lambda: hub.backlog_loaded(conn, storage.backlog(user), self.now)
+            case FetchBacklog(conn=conn, uid=uid):
+                return lambda: hub.backlog_loaded(conn, storage.backlog(uid), self.now)
+            case PushBacklog(server=server, uid=uid, token=token):
+                return lambda: hub.backlog_for_peer(server, uid, token, storage.backlog(uid))
             case AfterStored(effects=later):
                 return lambda: later
-            case DropBacklog(user=user):
-                return lambda: storage.drop(user) or []
-            case SaveLastSeen(user=user, ts=ts):
-                return lambda: storage.accounts.update({user: ts}) or []
+            case DropBacklog(uid=uid):
+                return lambda: storage.drop(uid) or []
+            case SaveLastSeen():
+                return lambda: []
+            case OweReceipts(receipts=receipts):
+                return lambda: storage.owe(receipts, True) or []
+            case ReceiptsTold(receipts=receipts):
+                return lambda: storage.owe(receipts, False) or []
+            case OweToPeer(server=server, receipt=r):
+                return lambda: storage.keep(server, r) or []
+            case SendOwedToPeer(server=server):
+                return lambda: hub.owed_loaded(server, storage.take(server))
+            case StoreAccounts(records=records):
+                return lambda: storage.accounts.update({r.uid: r for r in records}) or []
         raise AssertionError(f"an effect the simulator does not know: {effect!r}")
 
     def _client_of(self, srv: Server, conn: int) -> Client:
@@ -576,9 +626,13 @@ class Mesh:
             # nothing is owed to it, but a text-mode receipt for it is no lie.
             if isinstance(event, messages.Message):
                 client.late.append(event.msg)
+                if client.text_mode and event.msg in self.records:
+                    self.records[event.msg].acked = True
             return
         client.events.append((event, req_id))
         match event:
+            case messages.Message(msg=msg) if client.text_mode and msg in self.records:
+                self.records[msg].acked = True  # text mode acknowledges what it shows
             case messages.Sent(msg=msg) if isinstance(req_id, int):
                 self._sent(srv, msg, req_id)
             case messages.Welcome(users=users):
@@ -593,17 +647,7 @@ class Mesh:
         if pending is not None:
             assert (pending.server, pending.incarnation) == (srv.name, srv.incarnation)
             stored = srv.storage.rows[msg].stored
-            remote = {s for s in pending.targets.values() if s != srv.name}
-            record = SendRecord(
-                msg,
-                req_id,
-                pending.sender_conn,
-                srv.name,
-                srv.incarnation,
-                stored,
-                pending.targets,
-                remote,
-            )
+            record = SendRecord(msg, req_id, pending.sender_conn, srv.name, srv.incarnation, stored)
             self.records[msg] = record
         elif req_id in self.pending_broadcasts:
             self.broadcasts[msg] = self.pending_broadcasts.pop(req_id)
@@ -640,7 +684,8 @@ class Mesh:
                 if (client := self._pick(i)) is not None and (got := client.private_messages()):
                     msg = got[pick % len(got)].msg
                     request = messages.ReadRequest(msg) if read else messages.ReceivedRequest(msg)
-                    self._request(client, request)
+                    if self._request(client, request) and msg in self.records:
+                        self.records[msg].acked = True
             case Typing(conn=i, to=to):
                 if (client := self._pick(i)) is not None:
                     self.typings.add((client.key, name_key(to)))
@@ -674,38 +719,82 @@ class Mesh:
             case Flush(server=i, count=count):
                 self._flush(self._server(i), count)
 
-    def _login(self, srv: Server, name: str, text_mode: bool) -> None:
+    def _login(self, srv: Server, name: str, text_mode: bool, uid: str | None = None) -> None:
+        """service.py's login: the password given is right for the account going by
+        ``name`` (or for ``uid``, one of those registered with it)."""
         conn = next(self._ids)
         hub = srv.hub
         try:
-            account = hub.check_login(name, PASSWORD if hub.is_account(name) else None)
-            effects = hub.login(conn, name, auto_ack=text_mode, now=self.now, req_id="login")
+            candidates = hub.check_login(name, PASSWORD if hub.is_account(name) else None)
+            if candidates and uid not in {c.uid for c in candidates}:
+                uid = candidates[0].uid
+            effects = hub.login(
+                conn, name, auto_ack=text_mode, now=self.now, req_id="login", uid=uid
+            )
         except ProtocolError as exc:
             self._note(f"{srv.name}: login {name} refused: {exc.code}")
             return
-        user = hub.conns[conn].user
-        since = hub.online[name_key(user)].since  # the hub's: unique per session here
+        entry = hub.conns[conn]
+        since = hub.online[entry.key].since  # the hub's: unique per session here
         client = Client(
-            conn, srv.name, srv.incarnation, user, account, text_mode, since, next(self._stamps)
+            conn,
+            srv.name,
+            srv.incarnation,
+            entry.user,
+            entry.account,
+            text_mode,
+            since,
+            next(self._stamps),
+            entry.uid,
         )
         self.clients[conn] = client
-        self.claims[conn] = Claim(client.key, since, srv.name, conn, account)
-        self._note(f"{srv.name}: c{conn} logs in as {user}")
+        self.claims[conn] = Claim(client.key, since, srv.name, conn, entry.account)
+        self._note(f"{srv.name}: c{conn} logs in as {entry.user} ({entry.uid})")
         self._run(srv, effects)
 
     def _register(self, srv: Server, name: str) -> None:
-        """service.py's register, its storage done at once: reserve, store, log in."""
+        """service.py's register: claim the name from linked peers; _progress goes on."""
         try:
-            srv.hub.reserve(name)
+            reg, effects = srv.hub.begin_register(name, self.now)
         except ProtocolError as exc:
             self._note(f"{srv.name}: register {name} refused: {exc.code}")
+            self.register_refused += 1
             return
-        srv.storage.accounts[name] = None
-        srv.storage.drop(name)  # store.py CreateAccount: a guest's leftovers are not its mail
-        srv.hub.add_account(name)
-        self.registered.setdefault(name_key(name), []).append(srv.name)
-        self._note(f"{srv.name}: {name} registered")
-        self._login(srv, name, text_mode=False)
+        self._note(f"{srv.name}: registering {name} ({reg.rid}), waiting for {reg.waiting}")
+        srv.registering.append(PendingRegistration(reg))
+        self._run(srv, effects)
+
+    def _progress(self, srv: Server, *, expire: bool = False) -> None:
+        """Registrations whose peers all answered (or, ``expire``: CLAIM_WAIT_S passed) go
+        on: the account is stored and announced, then, announced, it logs in."""
+        while True:
+            ready = [p for p in srv.registering if p.reg.settled or expire]
+            if not ready:
+                return
+            pending = ready[0]
+            reg = pending.reg
+            if pending.phase == "claim":
+                uid = f"{next(self._uids):016x}"
+                try:
+                    record = srv.hub.make_account(reg, uid, "hash")
+                except ProtocolError as exc:
+                    srv.registering.remove(pending)
+                    self._note(f"{srv.name}: register {reg.name} refused: {exc.code}")
+                    self.register_refused += 1
+                    self._apply(srv, srv.hub.abort_register(reg))
+                    continue
+                srv.storage.accounts[uid] = record
+                self.registered[uid] = record
+                pending.phase, pending.record = "announce", record
+                self._note(f"{srv.name}: {reg.name} registered as {uid}")
+                self._apply(srv, srv.hub.account_stored(reg, record))
+            else:
+                srv.registering.remove(pending)
+                srv.hub.announced(reg)
+                assert pending.record is not None
+                self._login(srv, reg.name, text_mode=False, uid=pending.record.uid)
+            if not self.lazy_storage:
+                self._flush(srv, None)
 
     def _request(self, client: Client, request: messages.Request, req_id: object = None) -> bool:
         srv = self.servers[client.server]
@@ -719,24 +808,9 @@ class Mesh:
         return True
 
     def _send(self, client: Client, to: str) -> None:
-        srv = self.servers[client.server]
-        key = name_key(to)
-        user = srv.hub.online.get(key)
-        # Owed to: the recipient's live connections here, and on each server where this hub
-        # knows a session of it: an account's connections there, or that guest session's
-        # (the same since; a later guest of the name is someone else).
-        targets: dict[int, str] = {}
-        for c in self.live_clients():
-            if user is None or c.key != key:
-                continue
-            info = user.remote.get(c.server)
-            if c.server == srv.name or (
-                info is not None and (info.account or info.since == c.since)
-            ):
-                targets[c.id] = c.server
         req_id = next(self._req_ids)
-        pending = PendingSend(client.id, srv.name, srv.incarnation, targets)
-        self.pending_sends[req_id] = pending
+        srv = self.servers[client.server]
+        self.pending_sends[req_id] = PendingSend(client.id, srv.name, srv.incarnation)
         self._request(client, messages.SendRequest(to, f"text{req_id}"), req_id)
 
     def _broadcast(self, client: Client) -> None:
@@ -764,14 +838,6 @@ class Mesh:
                 return
             message = peerproto.decode_peer(wire.popleft())
             assert src in srv.believes_up, f"{dst} got a line from {src} on a link it thinks down"
-            if isinstance(message, peerproto.RelayAck):
-                for msg in message.msgs:
-                    record = self.records.get(msg)
-                    if record is not None and (record.server, record.incarnation) == (
-                        dst,
-                        srv.incarnation,
-                    ):
-                        record.unacked.discard(src)
             self._run(srv, srv.hub.peer_message(src, message, self.now))
 
     def _cut(self, pair: tuple[str, str]) -> None:
@@ -813,13 +879,10 @@ class Mesh:
         for client in self.clients.values():
             if client.server == srv.name and not client.dead:
                 client.dead = True
-        for record in self.records.values():
-            if (record.server, record.incarnation) == (srv.name, srv.incarnation):
-                for server in record.unacked:
-                    record.excused.setdefault(server, CRASH_LOSES_RELAYS)
         srv.incarnation += 1
         srv.believes_up = set()
         srv.queue.clear()
+        srv.registering.clear()  # the clients waiting for them are gone
         srv.hub = self._new_hub(srv.name, srv.storage, srv.incarnation)
 
     # --- the end of a schedule ----------------------------------------------------------
@@ -837,7 +900,12 @@ class Mesh:
                 continue
             busy = [link for link in self.links if self.wires[link]]
             if not busy:
-                return
+                waiting = [srv for srv in self.servers.values() if srv.registering]
+                if not waiting:
+                    return
+                for srv in waiting:  # CLAIM_WAIT_S passes: registrations go on regardless
+                    self._progress(srv, expire=True)
+                continue
             for link in busy:
                 self._deliver(link, 1)
         raise AssertionError(f"no quiescence after {max_rounds} rounds")
@@ -911,9 +979,8 @@ class Mesh:
 
     def violations(self, contenders: Sequence[Claim]) -> list[str]:
         """Everything that breaks the contract, once settled (empty when all is well)."""
-        twice = {key: where for key, where in self.registered.items() if len(where) > 1}
         return [
-            *([f"(b) accounts registered twice: {twice}"] if twice and self.strict else []),
+            *self._accounts(),
             *self._convergence(),
             *self._client_views(),
             *self._names(contenders),
@@ -940,9 +1007,49 @@ class Mesh:
             others = set(self.names) - {srv.name}
             if hub.peers != others:
                 out.append(f"(a) {srv.name} has peers {hub.peers} after healing")
-            pending = {s: list(p) for s, p in hub._pending_relays.items() if p}
-            if pending:
-                out.append(f"(c) {srv.name} still waits for relay acks: {pending}")
+            if hub._pushing:
+                out.append(f"(c) {srv.name} still loads backlogs for peers: {hub._pushing}")
+            kept = {server: len(r) for server, r in srv.storage.kept.items() if r}
+            if kept:
+                out.append(f"(c) {srv.name} still keeps receipts for linked peers: {kept}")
+            awaiting = {c: e.awaiting for c, e in hub.conns.items() if e.awaiting}
+            if awaiting:
+                out.append(f"(c) {srv.name} has connections awaiting pushes: {awaiting}")
+        return out
+
+    def _accounts(self) -> list[str]:
+        """protocol.md "Accounts across the mesh": once healed and quiet, every server has
+        every account, all agree on the name each goes by, every account logs in on every
+        server, and no connection goes by a name its account no longer has."""
+        out: list[str] = []
+        names = {srv.name: srv.hub.book.names() for srv in self.servers.values()}
+        first = names[self.names[0]]
+        for srv in self.servers.values():
+            if names[srv.name] != first:
+                out.append(f"(b) {srv.name} names accounts {names[srv.name]}, s0 {first}")
+            stored = set(srv.storage.accounts)
+            if stored != set(first):
+                out.append(f"(b) {srv.name} stores accounts {sorted(stored)}, not {sorted(first)}")
+            for uid, record in self.registered.items():
+                name = srv.hub.book.name_of(uid)
+                if name is None:
+                    out.append(f"(b) {srv.name} does not know account {uid} ({record.name})")
+                    continue
+                for typed in (name, record.name):
+                    try:
+                        candidates = srv.hub.check_login(typed, PASSWORD)
+                    except ProtocolError as exc:
+                        out.append(f"(b) {srv.name}: login {typed} for {uid} fails: {exc.code}")
+                        continue
+                    if uid not in {c.uid for c in candidates}:
+                        out.append(f"(b) {srv.name}: login {typed} can't reach account {uid}")
+        for client in self.live_clients():
+            book = self.servers[client.server].hub.book
+            if client.account and book.name_of(client.uid) != client.name:
+                out.append(
+                    f"(b) c{client.id} goes by {client.name}, its account by "
+                    f"{book.name_of(client.uid)}"
+                )
         return out
 
     def _client_views(self) -> list[str]:
@@ -984,16 +1091,20 @@ class Mesh:
         return out
 
     def _delivery(self) -> list[str]:
+        """protocol.md "Delivery guarantee": every ``sent`` private message reaches every
+        connection of its recipient identity that is live now (whatever server it is on,
+        whenever it logged in), unless one of them acknowledged it already."""
         out: list[str] = []
         for record in self.records.values():
-            for conn, server in record.targets.items():
-                client = self.clients[conn]
-                if not client.live or (not self.strict and server in record.excused):
+            if record.acked:
+                continue
+            for client in self.live_clients():
+                if client.uid != record.stored.to_uid:
                     continue
                 if record.msg not in {m.msg for m in client.private_messages()}:
                     out.append(
-                        f"(c) {record.msg} from c{record.sender_conn} was owed to c{conn} "
-                        f"({client.name} on {server}), which never got it"
+                        f"(c) {record.msg} from c{record.sender_conn} for {record.stored.to_uid} "
+                        f"never reached c{client.id} ({client.name} on {client.server})"
                     )
         # protocol.md "Order": from one sender, messages arrive in the order sent; a
         # broadcast keeps its place behind the sender's private messages (hub.AfterStored).
@@ -1017,23 +1128,13 @@ class Mesh:
                 last[record.sender_conn] = max(previous, record.index)
         return out
 
-    def _since_reused(self, client: Client) -> bool:
-        """Whether a guest of this name had this since on this server before a restart
-        (see SINCE_REUSED_AFTER_RESTART)."""
-        return any(
-            (c.key, c.server, c.since) == (client.key, client.server, client.since)
-            and c.incarnation < client.incarnation
-            and not c.account
-            for c in self.clients.values()
-        )
-
     def _addressing(self) -> list[str]:
         out: list[str] = []
         rows = {msg: row for srv in self.servers.values() for msg, row in srv.storage.rows.items()}
         stored = {msg: row.stored for msg, row in rows.items()}
-        received: dict[str, set[str]] = {}  # user -> what any of its connections got
+        received: dict[str, set[str]] = {}  # identity -> what any of its connections got
         for client in self.clients.values():
-            got = received.setdefault(client.key, set())
+            got = received.setdefault(client.uid, set())
             got.update(m.msg for m in client.private_messages())
             got.update(client.late)
         for client in self.clients.values():
@@ -1051,29 +1152,22 @@ class Mesh:
                             out.append(f"(c) c{client.id} got broadcast {msg} twice")
                         broadcasts.add(msg)
                     case messages.Message(msg=msg) as m:
-                        if name_key(m.to) != client.key:
-                            out.append(f"(c) c{client.id} ({client.name}) got {m!r}")
                         original = stored.get(msg)
                         if original is None or original.as_event() != m:
                             out.append(f"(c) c{client.id} got {m!r}; stored was {original!r}")
-                        elif (
-                            not client.account
-                            and rows[msg].stamp < client.stamp
-                            and (self.strict or not self._since_reused(client))
-                        ):
-                            # A guest's unacknowledged messages are never offered to anyone
-                            # else (hub.DropBacklog): not to the next guest of that name.
+                        elif original.to_uid != client.uid:
+                            # Identities, not names: not the next guest of that name, not
+                            # another account that had it (protocol.md "Identities").
                             out.append(
-                                f"(c) c{client.id} (guest {client.name}) got {msg}, "
-                                "stored before it logged in"
+                                f"(c) c{client.id} ({client.name}, {client.uid}) got {msg}, "
+                                f"which is for {original.to_uid}"
                             )
-                    case messages.Receipt(msg=msg, by=by):
+                    case messages.Receipt(msg=msg):
                         original = stored.get(msg)
                         if (
                             original is None
-                            or name_key(original.sender) != client.key
-                            or name_key(original.to) != name_key(by)
-                            or msg not in received.get(name_key(by), set())
+                            or original.sender_uid != client.uid
+                            or msg not in received.get(original.to_uid, set())
                         ):
                             out.append(f"(c) c{client.id} ({client.name}) got {event!r}")
                     case messages.Typing(sender=sender):

@@ -32,14 +32,10 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
 from hypothesis import HealthCheck, given, note, seed, settings, target
 from hypothesis import strategies as st
 
 from tests.sim.mesh import (
-    ACCOUNT_REGISTERED_TWICE,
-    CRASH_LOSES_RELAYS,
-    SINCE_REUSED_AFTER_RESTART,
     Ack,
     Broadcast,
     Crash,
@@ -82,8 +78,15 @@ def test_the_mesh_converges_and_delivers(
     note(f"this run's seed: TRICHAT_SIM_SEED={SEED} replays the whole run")
     mesh = run_schedule(n, steps, lazy_storage=lazy, accounts_everywhere=everywhere)
     # Steer the search towards schedules where much crosses the mesh.
-    relayed = [s for r in mesh.records.values() for s in r.targets.values() if s != r.server]
+    where = {(c.uid, c.server) for c in mesh.clients.values()}
+    relayed = [
+        r
+        for r in mesh.records.values()
+        for u, s in where
+        if (u, s) == (r.stored.to_uid, s) and s != r.server
+    ]
     target(float(len(relayed)), label="messages owed across servers")
+    target(float(len(mesh.registered) + mesh.register_refused), label="registrations")
     target(float(sum(c.kicked for c in mesh.clients.values())), label="guests kicked")
     got = [m.msg for c in mesh.clients.values() for m in c.private_messages()]
     target(float(len(got) - len(set(got))), label="relays delivered again")
@@ -103,7 +106,6 @@ def messages_of(mesh: Mesh, conn: int) -> list[str]:
 def test_a_message_crosses_the_mesh() -> None:
     mesh = run_schedule(2, [*ANN_AND_BOB, SendTo(0, 1), Quiet(), Ack(1, 0)])
     [record] = mesh.records.values()
-    assert record.targets == {2: "s1"} and not record.unacked
     assert messages_of(mesh, 2) == [record.msg]
     receipts = [e for e, _ in mesh.clients[1].events if isinstance(e, messages.Receipt)]
     assert receipts == [messages.Receipt(record.msg, "delivered", "bob", mesh.now)]
@@ -116,11 +118,16 @@ def test_a_relay_lost_in_a_cut_is_sent_again_when_the_link_is_back() -> None:
     assert messages_of(mesh, 2) == [record.msg]
 
 
-def test_an_ack_lost_in_a_cut_means_a_duplicate_with_the_same_id() -> None:
+def test_an_unacknowledged_message_is_offered_again_after_a_relink_with_the_same_id() -> None:
     schedule = [*ANN_AND_BOB, SendTo(0, 1), DeliverLink(0), Cut(0, 1, True, True)]
     mesh = run_schedule(2, [*schedule, Heal(0, 1), Quiet()])
     [record] = mesh.records.values()
     assert messages_of(mesh, 2) == [record.msg, record.msg]
+    # Acknowledged, it is not offered again.
+    schedule = [*ANN_AND_BOB, SendTo(0, 1), Quiet(), Ack(1, 0), Quiet(), Cut(0, 1, True, True)]
+    mesh = run_schedule(2, [*schedule, Heal(0, 1), Quiet()])
+    [record] = mesh.records.values()
+    assert messages_of(mesh, 2) == [record.msg]
 
 
 def test_a_stale_link_replaced_without_peer_down_still_converges() -> None:
@@ -165,13 +172,20 @@ def test_an_account_on_several_servers_gets_every_message_on_each() -> None:
 
 
 def test_an_account_beats_a_guest_of_its_name_on_another_server() -> None:
-    # Accounts live on s0 only: on s1, "acc" is a guest name until s1 hears of the account.
+    # The account is stored on s0 only; s1 is cut off before it learns it, so on s1 "acc"
+    # is a guest name until the link is back.
+    mesh = Mesh(2)
+    mesh.servers["s1"].hub.book = type(mesh.servers["s1"].hub.book)()
+    mesh.servers["s1"].storage.accounts.clear()
     schedule = [Cut(0, 1, True, True), Login(1, "acc"), Login(0, "Acc"), Heal(0, 1)]
-    mesh = run_schedule(2, [Tick(5), *schedule])
+    for step in [Tick(5), *schedule]:
+        mesh.step(step)
+    mesh.fail_if(mesh.violations(mesh.settle()), "settled")
     guest, account = mesh.clients[1], mesh.clients[2]
     assert (guest.account, guest.kicked, account.account, account.live) == (False, True, True, True)
-    # Now that s1 knows the account is online, no guest may take its name there.
-    assert not run_schedule(2, [*schedule, Quiet(), Login(1, "ACC")]).clients.get(3)
+    # s1 knows the account now: a login of its name there needs the password.
+    mesh.step(Login(1, "ACC"))
+    assert mesh.live_clients()[-1].account
 
 
 def test_with_lazy_storage_sent_comes_with_the_flush() -> None:
@@ -180,116 +194,169 @@ def test_with_lazy_storage_sent_comes_with_the_flush() -> None:
         mesh.step(step)
     assert not mesh.records
     mesh.step(Flush(0))
-    [record] = mesh.records.values()
-    assert record.unacked == {"s1"}
+    assert len(mesh.records) == 1
 
 
 def test_sends_to_unknown_or_offline_names_are_refused_and_owe_nothing() -> None:
     mesh = run_schedule(2, [Login(0, "ann"), Send(0, "cy"), Send(0, "Acc")])
     # cy: no_such_user (nothing sent); Acc: an offline account, stored for later.
     assert [r.stored.to for r in mesh.records.values()] == ["Acc"]
-    assert all(not r.targets for r in mesh.records.values())
 
 
-# --- found by the simulator, fixed: regressions ------------------------------------------
+# --- accounts across the mesh (protocol.md "Accounts across the mesh") --------------------
 
-LINK_DOWN_SCHEDULE = [*ANN_AND_BOB, SendTo(0, 1), Cut(0, 1, notice_a=True), Flush(0)]
-NEXT_GUEST_SCHEDULE = [*ANN_AND_BOB, SendTo(0, 1), Cut(0, 1, True, True)]
-NEXT_GUEST_SCHEDULE += [Logout(1), Reap(), Tick(1), Login(1, "bob")]
+DAN_ON_S0 = [Login(2, "ann"), Register(0, "dan"), Quiet()]
 
 
-def test_a_send_survives_a_link_drop_while_it_is_stored() -> None:
-    # ann (s0) sends to bob (s1); while the message is being written, s0 notices its link
-    # to s1 drop. Once written, ann is told sent; when the link is back, bob gets it
-    # (StoreMessage.relay_to: where the recipient was at the send).
-    mesh = run_schedule(2, LINK_DOWN_SCHEDULE, lazy_storage=True, strict=True)
+def test_an_account_registered_anywhere_logs_in_everywhere_and_gets_its_mail() -> None:
+    # dan registers on s0 and leaves; ann (s2) writes to dan; dan logs in on s1.
+    schedule = [*DAN_ON_S0, Logout(1), Reap(), Send(0, "dan"), Send(0, "Dan"), Quiet()]
+    mesh = run_schedule(3, [*schedule, Login(1, "dan"), Quiet()])
+    dan = mesh.live_clients()[-1]
+    assert (dan.name, dan.server, dan.account) == ("dan", "s1", True)
+    sent = [r.msg for r in sorted(mesh.records.values(), key=lambda r: r.index)]
+    assert len(sent) == 2 and messages_of(mesh, dan.id) == sent
+
+
+def test_an_account_name_is_registered_once_in_the_mesh() -> None:
+    # dan registers on s0 and leaves; someone else tries dan on s1: name_taken.
+    schedule = [*DAN_ON_S0, Logout(1), Reap(), Quiet(), Register(1, "dan")]
+    mesh = run_schedule(3, schedule)
+    assert len(mesh.registered) == 1 and mesh.register_refused == 1
+
+
+def test_two_registrations_of_one_name_at_the_same_moment_give_one_account() -> None:
+    # Both claims are on the wire before either server hears the other's.
+    for first, second in ((0, 1), (1, 0), (2, 0)):
+        schedule = [Register(first, "dan"), Register(second, "Dan"), Quiet()]
+        mesh = run_schedule(3, schedule)
+        assert len(mesh.registered) == 1 and mesh.register_refused == 1, mesh.log
+        [dan] = [c for c in mesh.live_clients() if c.key == "dan"]
+        assert dan.account
+
+
+PARTITIONED_DANS = [Cut(0, 1, True, True), Login(0, "ann"), Login(1, "cy"), Register(0, "dan")]
+PARTITIONED_DANS += [Tick(5), Register(1, "dan"), Send(0, "dan"), Send(1, "dan")]
+
+
+def test_a_name_registered_on_both_sides_of_a_partition_goes_to_the_earlier_one() -> None:
+    mesh = run_schedule(2, [*PARTITIONED_DANS, Heal(0, 1), Quiet()])
+    early, late = sorted(mesh.registered.values(), key=lambda r: r.created)
+    for srv in mesh.servers.values():
+        assert srv.hub.book.name_of(early.uid) == "dan"
+        assert srv.hub.book.name_of(late.uid) == f"dan.{late.uid[:12]}"
+    # The later dan was told and closed; each dan got only the message meant for it.
+    late_dan = next(c for c in mesh.clients.values() if c.uid == late.uid)
+    assert late_dan.closing or late_dan.dead
+    assert any(isinstance(e, messages.Renamed) for e, _ in late_dan.events)
+    for client in mesh.clients.values():
+        for m in client.private_messages():
+            assert mesh.records[m.msg].stored.to_uid == client.uid
+
+
+def test_the_renamed_account_logs_in_with_its_old_name_and_gets_its_mail() -> None:
+    mesh = run_schedule(2, [*PARTITIONED_DANS, Heal(0, 1), Quiet(), Reap()])
+    late = max(mesh.registered.values(), key=lambda r: r.created)
+    for server in (0, 1):
+        mesh._login(mesh.servers[f"s{server}"], "dan", False, uid=late.uid)
+        mesh.quiesce()
+        client = mesh.live_clients()[-1]
+        assert client.uid == late.uid and client.name == f"dan.{late.uid[:12]}"
+        assert any(isinstance(e, messages.Renamed) for e, _ in client.events)
+        # cy's message (s1, sent to the dan s1 knew) reaches this dan.
+        assert [m.sender for m in client.private_messages()] == ["cy"]
+    mesh.fail_if(mesh.violations([]), "settled")
+
+
+# --- store and forward across the mesh, crashes ---------------------------------------------
+
+CRASH_SCHEDULE = [*ANN_AND_BOB, SendTo(0, 1), Crash(0)]
+RESTART_SCHEDULE = [*ANN_AND_BOB, SendTo(0, 1), Crash(1), Login(1, "bob")]
+
+
+def test_a_relay_survives_a_crash_of_the_senders_server() -> None:
+    # ann (s0) sends to bob (s1) and is told sent: the message is on s0's disk. s0 is
+    # killed before the relay reaches s1; restarted, it offers it again at link-up.
+    mesh = run_schedule(2, CRASH_SCHEDULE)
     [record] = mesh.records.values()
     assert messages_of(mesh, 2) == [record.msg]
 
 
-def test_a_guests_relay_never_reaches_the_next_guest_of_that_name() -> None:
-    # ann (s0) writes to guest bob (s1); the link drops before the relay arrives; bob
-    # leaves and someone else logs in as bob on s1; the link comes back and s0 resends the
-    # relay, which names the first bob's session (its since): the new bob never sees it.
-    mesh = run_schedule(2, NEXT_GUEST_SCHEDULE, strict=True)
-    new_bob = mesh.live_clients()[-1]
-    assert new_bob.name == "bob" and not new_bob.private_messages()
-    assert not mesh.servers["s0"].hub._pending_relays["s1"]  # acknowledged all the same
+def test_a_message_survives_a_crash_of_the_recipients_server() -> None:
+    # Acc (s1) gets the relay but s1 dies before Acc acknowledges; Acc logs in on s2.
+    schedule = [Login(0, "ann"), Login(1, "Acc"), Quiet(), SendTo(0, 1), Quiet(), Crash(1)]
+    mesh = run_schedule(3, [*schedule, Login(2, "Acc"), Quiet()])
+    [record] = mesh.records.values()
+    assert messages_of(mesh, mesh.live_clients()[-1].id) == [record.msg]
 
 
-# --- known bugs ---------------------------------------------------------------------------
-# Each is the minimal schedule; mesh.py's strict mode counts it. The property test excuses
-# exactly what each one does (see test_the_default_mode_excuses_...).
-
-CRASH_SCHEDULE = [*ANN_AND_BOB, SendTo(0, 1), Crash(0)]
-SAME_MS_SCHEDULE = [step for step in NEXT_GUEST_SCHEDULE if not isinstance(step, Tick)]
-
-
-@pytest.mark.xfail(strict=True, reason=CRASH_LOSES_RELAYS)
-def test_a_relay_survives_a_crash_of_the_senders_server() -> None:
-    # ann (s0) sends to bob (s1) and is told sent: the message is on s0's disk. s0 is
-    # killed before the relay reaches s1; restarted, it never relays the message again.
-    run_schedule(2, CRASH_SCHEDULE, strict=True)
-
-
-def test_a_guests_relay_never_reaches_a_new_guest_of_the_same_millisecond() -> None:
-    # As above, but the new bob logs in within the millisecond the first one left in: the
-    # hub gives each session its own since even then.
-    run_schedule(2, SAME_MS_SCHEDULE, strict=True)
-
-
-RESTART_SCHEDULE = [*ANN_AND_BOB, SendTo(0, 1), Crash(1), Login(1, "bob")]
-
-
-@pytest.mark.xfail(strict=True, reason=SINCE_REUSED_AFTER_RESTART)
 def test_a_guests_relay_never_reaches_a_new_guest_after_a_restart() -> None:
-    # ann (s0) writes to guest bob (s1); s1 crashes before the relay arrives and restarts;
-    # someone else logs in as bob there, in the same millisecond as the first bob did, so
-    # with the same since. The link comes back; s0 resends the relay; the new bob gets it.
-    run_schedule(2, RESTART_SCHEDULE, strict=True)
-
-
-def test_the_default_mode_excuses_a_since_reused_after_a_restart_and_only_it() -> None:
+    # s1 crashes before the relay arrives and restarts; someone else logs in as bob there,
+    # in the same millisecond as the first bob did: another boot, another session.
     mesh = run_schedule(2, RESTART_SCHEDULE)
-    assert len(mesh.live_clients()[-1].private_messages()) == 1
-    # A millisecond later, the new bob's since differs and the relay is dropped.
-    restart_later = [*ANN_AND_BOB, SendTo(0, 1), Crash(1), Tick(1), Login(1, "bob")]
-    mesh = run_schedule(2, restart_later, strict=True)
-    assert not mesh.live_clients()[-1].private_messages()
-
-
-@pytest.mark.xfail(strict=True, reason=ACCOUNT_REGISTERED_TWICE)
-def test_an_account_name_is_registered_once_in_the_mesh() -> None:
-    # dan registers on s0 and leaves; someone else registers dan on s1, which says yes.
-    schedule = [Login(2, "ann"), Register(0, "dan"), Logout(1), Quiet(), Register(1, "dan")]
-    run_schedule(3, [*schedule, Login(0, "dan"), Quiet(), SendTo(0, 1)], strict=True)
-
-
-def test_two_accounts_of_one_name_get_each_others_mail() -> None:
-    # What the bug above leads to: once both dans are online, ann's message reaches both.
-    mesh = Mesh(3)
-    schedule = [Login(2, "ann"), Register(0, "dan"), Logout(1), Quiet(), Register(1, "dan")]
-    for step in [*schedule, Login(0, "dan"), Quiet(), SendTo(0, 1), Quiet()]:
-        mesh.step(step)
-    dans = [c for c in mesh.live_clients() if c.key == "dan"]
-    assert sorted(c.server for c in dans) == ["s0", "s1"]
-    assert all(len(c.private_messages()) == 1 for c in dans)
-
-
-def test_the_default_mode_excuses_a_crash_loss_and_only_it() -> None:
-    mesh = run_schedule(2, CRASH_SCHEDULE)
-    [record] = mesh.records.values()
-    assert record.excused == {"s1": CRASH_LOSES_RELAYS}
-    assert messages_of(mesh, 2) == []
-    # Once the relay is acknowledged, a crash loses nothing and nothing is excused.
-    mesh = run_schedule(2, [*ANN_AND_BOB, SendTo(0, 1), Quiet(), Crash(0)])
-    [record] = mesh.records.values()
-    assert not record.excused and messages_of(mesh, 2) == [record.msg]
-
-
-def test_a_new_guest_of_the_same_millisecond_gets_nothing_of_the_old_ones() -> None:
-    mesh = run_schedule(2, SAME_MS_SCHEDULE)
     assert mesh.live_clients()[-1].private_messages() == []
+
+
+def test_a_guests_relay_never_reaches_the_next_guest_of_that_name() -> None:
+    schedule = [*ANN_AND_BOB, SendTo(0, 1), Cut(0, 1, True, True), Logout(1), Reap()]
+    for later in ([Tick(1)], []):  # the new bob a millisecond later, or in the same one
+        mesh = run_schedule(2, [*schedule, *later, Login(1, "bob")])
+        new_bob = mesh.live_clients()[-1]
+        assert new_bob.name == "bob" and not new_bob.private_messages()
+
+
+def test_a_send_survives_a_link_drop_while_it_is_stored() -> None:
+    schedule = [*ANN_AND_BOB, SendTo(0, 1), Cut(0, 1, notice_a=True), Flush(0)]
+    mesh = run_schedule(2, schedule, lazy_storage=True)
+    [record] = mesh.records.values()
+    assert messages_of(mesh, 2) == [record.msg]
+
+
+def test_a_second_device_gets_the_backlog_before_live_messages() -> None:
+    # Acc on s1 has an unacknowledged message from ann (s0); a second device logs in on
+    # s1 while ann's next message is on the wire: it gets both, in order.
+    schedule = [Login(0, "ann"), Login(1, "Acc"), Quiet(), SendTo(0, 1), Quiet()]
+    schedule += [SendTo(0, 1), Login(1, "Acc"), Quiet()]
+    mesh = run_schedule(2, schedule)
+    first, second = sorted(mesh.records.values(), key=lambda r: r.index)
+    device = mesh.live_clients()[-1]
+    got = list(dict.fromkeys(messages_of(mesh, device.id)))
+    assert got == [first.msg, second.msg]
+
+
+# --- receipts across the mesh -----------------------------------------------------------------
+
+
+def receipts_of(mesh: Mesh, conn: int) -> list[tuple[str, str]]:
+    return [
+        (e.msg, e.status) for e, _ in mesh.clients[conn].events if isinstance(e, messages.Receipt)
+    ]
+
+
+def test_a_receipt_for_an_offline_sender_is_given_at_its_next_login_anywhere() -> None:
+    # cy (s0) writes to dan, offline; cy leaves; dan logs in on s2 and reads it; cy comes
+    # back on s1 and is told.
+    schedule = [Register(0, "cy"), Register(1, "dan"), Quiet(), Logout(1), Reap()]
+    schedule += [SendTo(0, 0), Send(0, "dan"), Quiet(), Logout(0), Reap(), Login(2, "dan")]
+    schedule += [Quiet(), Ack(0, 0, read=True), Quiet(), Login(1, "cy"), Quiet()]
+    mesh = run_schedule(3, schedule)
+    [record] = [r for r in mesh.records.values() if r.stored.to == "dan"]
+    cy = mesh.live_clients()[-1]
+    assert cy.name == "cy" and (record.msg, "read") in receipts_of(mesh, cy.id)
+
+
+def test_a_receipt_waits_on_disk_while_the_origin_is_cut_off() -> None:
+    # dan acknowledges on s1 while s1 is cut off from s0, where the message is stored.
+    schedule = [Login(0, "ann"), Login(1, "Acc"), Quiet(), SendTo(0, 1), Quiet()]
+    schedule += [Cut(0, 1, True, True), Ack(1, 0), Quiet()]
+    mesh = Mesh(2)
+    for step in schedule:
+        mesh.step(step)
+    assert mesh.servers["s1"].storage.kept  # kept for s0
+    mesh.fail_if(mesh.violations(mesh.settle()), "settled")
+    [record] = mesh.records.values()
+    assert (record.msg, "delivered") in receipts_of(mesh, 1)
+    assert mesh.servers["s0"].storage.rows[record.msg].delivered
 
 
 def test_deliveries_are_checked_on_every_hop_by_decoding() -> None:

@@ -10,15 +10,20 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from trichat import errors, messages
+from trichat.accounts import AccountRecord
+from trichat.effects import OwedReceipt
 from trichat.errors import ProtocolError
 from trichat.hub import (
     AfterStored,
+    Backlog,
     Close,
     Deliver,
     DropBacklog,
     Effect,
     FetchBacklog,
     Hub,
+    OweReceipts,
+    ReceiptsTold,
     Reply,
     SaveLastSeen,
     StoredMessage,
@@ -28,23 +33,41 @@ from trichat.hub import (
 from trichat.messages import Message, Presence, Sent, UserEntry, Welcome
 
 T0 = 1_700_000_000_000
+ALICE = AccountRecord("a11ce00000000001", "Alice", "hash-a", T0 - 9000, "s1", 1)
+DORA = AccountRecord("d0da000000000002", "dora", "hash-d", T0 - 8000, "s1", 2)
 
 
 def make_hub(**kwargs: Any) -> Hub:
-    kwargs.setdefault("accounts", [("Alice", None), ("dora", 123)])
+    kwargs.setdefault("accounts", [ALICE, DORA])
+    kwargs.setdefault("last_seen", {DORA.uid: 123})
     return Hub("s1", incarnation="inc", **kwargs)
 
 
 def login(hub: Hub, conn: int, name: str, *, auto_ack: bool = False, now: int = T0) -> list[Effect]:
+    """Log in as the shell does: an account (its password taken as right), else a guest."""
     password = "pw" if hub.is_account(name) else None
-    hub.check_login(name, password)
-    return hub.login(conn, name, auto_ack=auto_ack, now=now, req_id=f"login{conn}")
+    candidates = hub.check_login(name, password)
+    uid = candidates[0].uid if candidates else None
+    return hub.login(conn, name, auto_ack=auto_ack, now=now, req_id=f"login{conn}", uid=uid)
 
 
 def ready(hub: Hub, conn: int, name: str, *, auto_ack: bool = False) -> None:
     """Log in and, for an account, finish loading an empty backlog."""
     login(hub, conn, name, auto_ack=auto_ack)
-    hub.backlog_loaded(conn, [])
+    hub.backlog_loaded(conn, Backlog())
+
+
+def register(hub: Hub, name: str, uid: str, now: int = T0) -> AccountRecord:
+    """Register ``name`` on a hub with no linked peers (nothing to wait for)."""
+    reg, effects = hub.begin_register(name, now)
+    assert effects == [] and reg.settled
+    record = hub.make_account(reg, uid, "hash")
+    hub.account_stored(reg, record)
+    return record
+
+
+def uid_of(hub: Hub, conn: int) -> str:
+    return hub.conns[conn].uid
 
 
 def error_code(fn: Any, *args: Any, **kwargs: Any) -> str:
@@ -100,11 +123,12 @@ def test_a_guest_leaving_is_offline_for_everyone_else() -> None:
     login(hub, 1, "ann")
     login(hub, 2, "bob")
     login(hub, 3, "cat")
+    bob = uid_of(hub, 2)
     effects = hub.disconnect(2, T0 + 5)
-    # What the guest left unacknowledged is dropped first (protocol.md "Guests"), then
-    # everyone else hears it is gone.
+    # What the guest session left unacknowledged is dropped first (protocol.md "Guests"),
+    # then everyone else hears it is gone.
     assert effects == [
-        DropBacklog("bob", T0 + 5),
+        DropBacklog(bob, T0 + 5),
         Deliver([1, 3], Presence("bob", False, last_seen=T0 + 5)),
     ]
     assert set(hub.online) == {"ann", "cat"}
@@ -117,33 +141,45 @@ def test_a_guest_name_in_use_is_taken_ignoring_case() -> None:
     login(hub, 1, "Ann")
     assert error_code(hub.check_login, "aNN", None) == errors.NAME_TAKEN
     assert error_code(hub.login, 2, "ANN", auto_ack=False, now=T0, req_id=None) == "name_taken"
-    assert error_code(hub.check_register, "ann") == errors.NAME_TAKEN
+    assert error_code(hub.begin_register, "ann", T0) == errors.NAME_TAKEN
     hub.disconnect(1, T0)
-    assert hub.check_login("ann", None) is False  # free again once gone
+    assert hub.check_login("ann", None) == []  # free again once gone: a guest login
 
 
 @pytest.mark.parametrize("name", ["", "a" * 33, "two words", "bob!", "caf\u00e9", "a/b", "ann\n"])
 def test_bad_names_are_refused(name: str) -> None:
     hub = make_hub()
     assert error_code(hub.check_login, name, None) == errors.BAD_NAME
-    assert error_code(hub.check_register, name) == errors.BAD_NAME
+    assert error_code(hub.begin_register, name, T0) == errors.BAD_NAME
 
 
 @pytest.mark.parametrize("name", ["a", "a" * 32, "A.b-c_9", "-", "..."])
 def test_good_names_are_accepted(name: str) -> None:
-    assert make_hub().check_login(name, None) is False
+    assert make_hub().check_login(name, None) == []
 
 
 def test_accounts_need_their_password_and_guests_must_not_give_one() -> None:
     hub = make_hub()
-    assert hub.check_login("ALICE", "pw") is True
+    assert hub.check_login("ALICE", "pw") == [ALICE]  # the password is checked against it
     assert error_code(hub.check_login, "alice", None) == errors.AUTH_FAILED
     assert error_code(hub.check_login, "nobody", "pw") == errors.AUTH_FAILED
-    assert error_code(hub.check_register, "Alice") == errors.NAME_TAKEN
-    hub.add_account("Zed")
+    assert error_code(hub.begin_register, "Alice", T0) == errors.NAME_TAKEN
+    zed = register(hub, "Zed", "2ed0000000000003")
+    assert (zed.name, zed.origin, zed.oseq) == ("Zed", "s1", 3)  # the next of this server's
     assert hub.is_account("zed")
+    assert hub.check_login("ZED", "pw") == [zed]
     assert error_code(hub.check_login, "zed", None) == errors.AUTH_FAILED
-    assert error_code(hub.check_register, "ZED") == errors.NAME_TAKEN
+    assert error_code(hub.begin_register, "ZED", T0) == errors.NAME_TAKEN
+
+
+def test_a_name_being_registered_is_held_until_the_registration_ends() -> None:
+    hub = make_hub()
+    reg, _ = hub.begin_register("Bob", T0)
+    assert error_code(hub.check_login, "bob", None) == errors.NAME_TAKEN  # no guest gets it
+    assert error_code(hub.begin_register, "BOB", T0) == errors.NAME_TAKEN
+    assert hub.abort_register(reg) == []  # no peers to tell
+    assert hub.check_login("bob", None) == []  # free again
+    assert not hub.is_account("bob")
 
 
 def test_an_account_logs_in_under_its_own_spelling_and_loads_its_backlog() -> None:
@@ -151,8 +187,31 @@ def test_an_account_logs_in_under_its_own_spelling_and_loads_its_backlog() -> No
     login(hub, 7, "ann")
     effects = login(hub, 1, "ALICE")
     assert effects[0].event.user == "Alice"  # type: ignore[union-attr]
-    assert FetchBacklog(1, "Alice") in effects
+    assert uid_of(hub, 1) == ALICE.uid
+    assert FetchBacklog(1, ALICE.uid) in effects
     assert deliveries(effects) == [([7], Presence("Alice", True, server="s1", servers=["s1"]))]
+
+
+def test_each_guest_session_is_its_own_identity() -> None:
+    hub = make_hub()
+    login(hub, 1, "bob", now=T0)
+    first = uid_of(hub, 1)
+    hub.disconnect(1, T0)
+    login(hub, 3, "bob", now=T0)  # the same name, the same millisecond: another person
+    second = uid_of(hub, 3)
+    assert first != second
+    assert first.startswith("g.s1.inc.") and second.startswith("g.s1.inc.")
+
+
+def test_a_message_for_a_guest_who_left_never_reaches_a_later_guest_of_that_name() -> None:
+    hub = make_hub()
+    ready(hub, 1, "ann")
+    ready(hub, 2, "bob")
+    effect = send(hub, 1, "bob", "for the first bob")
+    assert effect.message.to_uid == uid_of(hub, 2)
+    hub.disconnect(2, T0)
+    ready(hub, 3, "bob")  # another person takes the free guest name
+    assert deliveries(stored(hub, effect)) == []
 
 
 def test_an_account_on_several_devices_is_one_user_online() -> None:
@@ -164,7 +223,7 @@ def test_an_account_on_several_devices_is_one_user_online() -> None:
     assert hub.online["alice"].conns == {1, 2}
     assert hub.disconnect(1, T0 + 1) == []  # still online on the other device
     assert hub.disconnect(2, T0 + 2) == [
-        SaveLastSeen("Alice", T0 + 2),
+        SaveLastSeen(ALICE.uid, T0 + 2),
         Deliver([9], Presence("Alice", False, last_seen=T0 + 2)),
     ]
     status = hub.handle(9, messages.StatusRequest("alice"), "s", T0 + 3)
@@ -181,6 +240,7 @@ def test_send_to_an_online_user_is_stored_then_sent_and_delivered() -> None:
     effect = send(hub, 1, "BOB", "hello", req_id="r1")
     m = effect.message
     assert (m.sender, m.to, m.text, m.ts, m.req_id) == ("ann", "bob", "hello", T0, "r1")
+    assert (m.sender_uid, m.to_uid) == (uid_of(hub, 1), uid_of(hub, 2))
     assert (effect.conn, effect.req_id) == (1, "r1")
     assert stored(hub, effect) == [
         Reply(1, Sent(m.msg, T0), "r1"),
@@ -219,7 +279,7 @@ def test_send_to_an_offline_account_is_stored_for_later() -> None:
     hub = make_hub()
     ready(hub, 1, "ann")
     effect = send(hub, 1, "DORA")
-    assert effect.message.to == "dora"
+    assert (effect.message.to, effect.message.to_uid) == ("dora", DORA.uid)
     assert stored(hub, effect) == [Reply(1, Sent(effect.message.msg, T0), "q")]
 
 
@@ -254,8 +314,9 @@ def test_a_registered_former_guest_name_receives_stored_messages() -> None:
     ready(hub, 1, "ann")
     ready(hub, 2, "bob")
     hub.disconnect(2, T0)
-    hub.add_account("Bob")
-    assert send(hub, 1, "bob").message.to == "Bob"
+    bob = register(hub, "Bob", "b0b0000000000009")
+    m = send(hub, 1, "bob").message
+    assert (m.to, m.to_uid) == ("Bob", bob.uid)
 
 
 @pytest.mark.parametrize("size", [4096, 4097])
@@ -350,10 +411,10 @@ def test_received_and_read_become_receipts_by_the_reader() -> None:
     hub = make_hub()
     ready(hub, 1, "alice")
     assert hub.handle(1, messages.ReceivedRequest("s1:inc:7"), None, T0) == [
-        StoreReceipt("s1:inc:7", "Alice", "delivered", T0)
+        StoreReceipt("s1:inc:7", "Alice", "delivered", T0, ALICE.uid)
     ]
     assert hub.handle(1, messages.ReadRequest("s1:inc:7"), None, T0 + 1) == [
-        StoreReceipt("s1:inc:7", "Alice", "read", T0 + 1)
+        StoreReceipt("s1:inc:7", "Alice", "read", T0 + 1, ALICE.uid)
     ]
     # An id this server never gave out (no message here has it): silently ignored.
     assert hub.handle(1, messages.ReceivedRequest("m1"), None, T0) == []
@@ -364,10 +425,47 @@ def test_a_stored_receipt_is_told_to_every_connection_of_the_sender() -> None:
     ready(hub, 1, "ann")
     ready(hub, 2, "alice")
     ready(hub, 3, "alice")
-    assert hub.receipt_stored("m1", "ALICE", "ann", "read", T0) == [
+    assert hub.receipt_stored("m1", "Alice", ALICE.uid, "ann", "read", T0) == [
         Deliver([2, 3], messages.Receipt("m1", "read", "ann", T0))
     ]
-    assert hub.receipt_stored("m1", "dora", "ann", "read", T0) == []  # sender offline
+
+
+def test_a_receipt_for_an_account_online_nowhere_is_kept_for_its_next_login() -> None:
+    hub = make_hub()
+    ready(hub, 1, "ann")
+    assert hub.receipt_stored("m1", "dora", DORA.uid, "ann", "read", T0) == [
+        OweReceipts([("m1", 2)])
+    ]
+    assert hub.receipt_stored("m2", "dora", DORA.uid, "ann", "delivered", T0) == [
+        OweReceipts([("m2", 1)])
+    ]
+    # A guest session that left is nobody's to keep it for.
+    assert hub.receipt_stored("m3", "gus", "g.s1.inc.5", "ann", "read", T0) == []
+
+
+def test_receipts_kept_for_an_account_come_with_its_backlog_and_are_then_forgotten() -> None:
+    hub = make_hub()
+    login(hub, 1, "dora")
+    owed = [
+        OwedReceipt("s1:inc:1", "delivered", "ann", T0 + 1, 1),
+        OwedReceipt("s1:inc:1", "read", "ann", T0 + 2, 2),
+    ]
+    effects = hub.backlog_loaded(1, Backlog([], owed))
+    assert effects == [
+        Deliver([1], messages.Receipt("s1:inc:1", "delivered", "ann", T0 + 1)),
+        Deliver([1], messages.Receipt("s1:inc:1", "read", "ann", T0 + 2)),
+        ReceiptsTold([("s1:inc:1", 1), ("s1:inc:1", 2)]),
+    ]
+
+
+def test_a_receipt_is_told_only_to_the_identity_that_sent_the_message() -> None:
+    # Two guest sessions of one name, one after the other, are two people.
+    hub = make_hub()
+    ready(hub, 1, "gus")
+    old = uid_of(hub, 1)
+    hub.disconnect(1, T0)
+    ready(hub, 2, "gus")
+    assert hub.receipt_stored("m1", "gus", old, "ann", "read", T0) == []
 
 
 def test_text_mode_connections_acknowledge_what_they_show() -> None:
@@ -377,7 +475,7 @@ def test_text_mode_connections_acknowledge_what_they_show() -> None:
     ready(hub, 3, "cat")
     text_effect = send(hub, 1, "bob")
     m = text_effect.message
-    assert StoreReceipt(m.msg, "bob", "delivered", m.ts) in stored(hub, text_effect)
+    assert StoreReceipt(m.msg, "bob", "delivered", m.ts, m.to_uid) in stored(hub, text_effect)
     json_effect = send(hub, 1, "cat")
     assert not any(isinstance(e, StoreReceipt) for e in stored(hub, json_effect))
 
@@ -390,26 +488,27 @@ def test_automatic_receipts_carry_the_time_shown_when_given() -> None:
     m = effect.message
     effects = hub.message_stored(m, 1, "q", duplicate=False, now=T0 + 250)
     assert [e for e in effects if isinstance(e, StoreReceipt)] == [
-        StoreReceipt(m.msg, "bob", "delivered", T0 + 250)
+        StoreReceipt(m.msg, "bob", "delivered", T0 + 250, m.to_uid)
     ]
     # Without a time, the message's own ts (older callers).
     effect = send(hub, 1, "bob", now=T0 + 1)
     effects = hub.message_stored(effect.message, 1, "q", duplicate=False)
-    assert StoreReceipt(effect.message.msg, "bob", "delivered", T0 + 1) in effects
+    assert StoreReceipt(effect.message.msg, "bob", "delivered", T0 + 1, uid_of(hub, 2)) in effects
 
 
 def test_a_backlog_shown_in_text_mode_is_acknowledged_at_the_time_shown() -> None:
     hub = make_hub()
     login(hub, 1, "alice", auto_ack=True)
     batch = [old_message(1), old_message(2)]
-    effects = hub.backlog_loaded(1, batch, now=T0 + 99)
+    effects = hub.backlog_loaded(1, Backlog(batch), now=T0 + 99)
     assert [e for e in effects if isinstance(e, StoreReceipt)] == [
-        StoreReceipt("old:1", "Alice", "delivered", T0 + 99),
-        StoreReceipt("old:2", "Alice", "delivered", T0 + 99),
+        StoreReceipt("old:1", "Alice", "delivered", T0 + 99, ALICE.uid),
+        StoreReceipt("old:2", "Alice", "delivered", T0 + 99, ALICE.uid),
     ]
     # JSON connections acknowledge themselves: no receipt, whatever the time.
     login(hub, 2, "alice")
-    assert not any(isinstance(e, StoreReceipt) for e in hub.backlog_loaded(2, batch, now=T0 + 100))
+    effects = hub.backlog_loaded(2, Backlog(batch), now=T0 + 100)
+    assert not any(isinstance(e, StoreReceipt) for e in effects)
 
 
 def test_only_a_guests_last_leaving_drops_its_backlog_and_accounts_never() -> None:
@@ -418,37 +517,27 @@ def test_only_a_guests_last_leaving_drops_its_backlog_and_accounts_never() -> No
     ready(hub, 2, "alice")
     ready(hub, 3, "alice")
     ready(hub, 4, "Gus")
+    gus = uid_of(hub, 4)
     assert hub.disconnect(2, T0 + 1) == []
     assert not any(isinstance(e, DropBacklog) for e in hub.disconnect(3, T0 + 2))
-    assert hub.disconnect(4, T0 + 3)[0] == DropBacklog("Gus", T0 + 3)  # as the guest typed it
+    assert hub.disconnect(4, T0 + 3)[0] == DropBacklog(gus, T0 + 3)  # that session's only
 
 
 def test_a_guest_that_takes_the_name_while_it_is_being_registered_gets_none_of_its_mail() -> None:
     hub = make_hub()
     ready(hub, 1, "ann")
-    hub.reserve("bob")  # register bob: the name is held while hashing, then CreateAccount
-    try:  # meanwhile a guest logs in as bob
-        hub.check_login("bob", None)
-        hub.login(2, "bob", auto_ack=False, now=T0, req_id=None)
-    except ProtocolError as exc:
-        assert exc.code == errors.NAME_TAKEN
-        return  # a name being registered is held: the guest never gets it
-    hub.add_account("bob")  # CreateAccount is stored
-    closed: set[int] = set()
-    try:
-        effects = hub.login(3, "bob", auto_ack=False, now=T0, req_id="r")
-    except ProtocolError:
-        effects = []  # refusing the registrant is one way out
-    hub.backlog_loaded(3, [])
-    for effect in effects:  # kicking the guest is another
-        if isinstance(effect, Close):
-            closed.add(effect.conn)
-            hub.disconnect(effect.conn, T0)
+    reg, _ = hub.begin_register("bob", T0)  # held while the password is hashed and stored
+    # Meanwhile a guest tries to log in as bob: refused, however it gets there.
+    assert error_code(hub.check_login, "bob", None) == errors.NAME_TAKEN
+    assert error_code(hub.login, 2, "bob", auto_ack=False, now=T0, req_id=None) == "name_taken"
+    bob = hub.make_account(reg, "b0b0000000000009", "hash")
+    hub.account_stored(reg, bob)  # CreateAccount is stored
+    assert error_code(hub.check_login, "bob", None) == errors.AUTH_FAILED  # an account now
+    hub.login(3, "bob", auto_ack=False, now=T0, req_id="r", uid=bob.uid)
+    hub.backlog_loaded(3, Backlog())
     mail = send(hub, 1, "bob", "for the account only")
-    assert all(2 not in conns for conns, _ in deliveries(stored(hub, mail)))
-    if 2 not in closed:
-        hub.disconnect(3, T0 + 1)  # the account leaves first, the guest last
-        assert not any(isinstance(e, DropBacklog) for e in hub.disconnect(2, T0 + 2))
+    assert mail.message.to_uid == bob.uid
+    assert deliveries(stored(hub, mail)) == [([3], mail.message.as_event())]
 
 
 def test_logout_closes_the_connection() -> None:
@@ -461,8 +550,9 @@ def test_logout_closes_the_connection() -> None:
 # --- backlog ordering -------------------------------------------------------------------
 
 
-def old_message(n: int, to: str = "Alice") -> StoredMessage:
-    return StoredMessage(f"old:{n}", "ann", to, f"old {n}", T0 - 1000 + n)
+def old_message(n: int, to: AccountRecord = ALICE) -> StoredMessage:
+    ts = T0 - 1000 + n
+    return StoredMessage(f"old:{n}", "ann", to.name, f"old {n}", ts, None, "g.s1.x.1", to.uid)
 
 
 def test_messages_stored_while_the_backlog_loads_come_with_it_in_order() -> None:
@@ -474,7 +564,9 @@ def test_messages_stored_while_the_backlog_loads_come_with_it_in_order() -> None
     assert deliveries(effects) == []  # not live: the backlog load sees it
     assert Reply(1, Sent(live.message.msg, T0), "q") in effects
     backlog = [old_message(1), old_message(2), live.message]
-    assert deliveries(hub.backlog_loaded(2, backlog)) == [([2], m.as_event()) for m in backlog]
+    assert deliveries(hub.backlog_loaded(2, Backlog(backlog))) == [
+        ([2], m.as_event()) for m in backlog
+    ]
     after = send(hub, 1, "alice", "after")
     assert deliveries(stored(hub, after)) == [([2], after.message.as_event())]
 
@@ -486,7 +578,8 @@ def test_a_second_device_gets_live_messages_only_after_its_backlog() -> None:
     login(hub, 3, "alice")
     effect = send(hub, 1, "alice")
     assert deliveries(stored(hub, effect)) == [([2], effect.message.as_event())]
-    assert deliveries(hub.backlog_loaded(3, [effect.message])) == [([3], effect.message.as_event())]
+    effects = hub.backlog_loaded(3, Backlog([effect.message]))
+    assert deliveries(effects) == [([3], effect.message.as_event())]
     effect = send(hub, 1, "alice")
     assert deliveries(stored(hub, effect)) == [([2, 3], effect.message.as_event())]
 
@@ -495,18 +588,18 @@ def test_a_backlog_for_a_connection_that_left_is_dropped() -> None:
     hub = make_hub()
     login(hub, 1, "alice")
     hub.disconnect(1, T0)
-    assert hub.backlog_loaded(1, [old_message(1)]) == []
+    assert hub.backlog_loaded(1, Backlog([old_message(1)])) == []
 
 
 def test_a_text_mode_backlog_is_acknowledged_message_by_message() -> None:
     hub = make_hub()
     login(hub, 1, "alice", auto_ack=True)
     batch = [old_message(1), old_message(2)]
-    assert hub.backlog_loaded(1, batch) == [
+    assert hub.backlog_loaded(1, Backlog(batch)) == [
         Deliver([1], batch[0].as_event()),
-        StoreReceipt("old:1", "Alice", "delivered", batch[0].ts),
+        StoreReceipt("old:1", "Alice", "delivered", batch[0].ts, ALICE.uid),
         Deliver([1], batch[1].as_event()),
-        StoreReceipt("old:2", "Alice", "delivered", batch[1].ts),
+        StoreReceipt("old:2", "Alice", "delivered", batch[1].ts, ALICE.uid),
     ]
 
 
@@ -618,6 +711,9 @@ class HubMachine(RuleBasedStateMachine):
         self.now = T0
         self.next_conn = 1
         self.conn_user: dict[int, str] = {}  # conn -> name key
+        self.conn_uid: dict[int, str] = {}  # conn -> its identity
+        self.uids = 0
+        self.every_uid: set[str] = set()
         self.text_conns: set[int] = set()
         self.loading: set[int] = set()  # account connections waiting for their backlog
         self.gone_guests: set[str] = set()
@@ -636,13 +732,16 @@ class HubMachine(RuleBasedStateMachine):
     def users_of(self, key: str) -> list[int]:
         return sorted(c for c, k in self.conn_user.items() if k == key)
 
+    def conns_of(self, uid: str) -> list[int]:
+        return sorted(c for c, u in self.conn_uid.items() if u == uid)
+
     @rule(name=st.sampled_from(NAMES), text_mode=st.booleans())
     def log_in(self, name: str, text_mode: bool) -> None:
         key = name.lower()
         account = self.hub.is_account(name)
         conn, self.next_conn = self.next_conn, self.next_conn + 1
         try:
-            self.hub.check_login(name, "pw" if account else None)
+            candidates = self.hub.check_login(name, "pw" if account else None)
         except ProtocolError as exc:
             assert (exc.code, account, key in self.conn_user.values()) == (
                 errors.NAME_TAKEN,
@@ -652,12 +751,22 @@ class HubMachine(RuleBasedStateMachine):
             return
         others = sorted(self.conn_user)
         first = key not in self.conn_user.values()
-        effects = self.check(self.hub.login(conn, name, auto_ack=text_mode, now=self.now, req_id=1))
+        uid = candidates[0].uid if candidates else None
+        effects = self.check(
+            self.hub.login(conn, name, auto_ack=text_mode, now=self.now, req_id=1, uid=uid)
+        )
         assert isinstance(effects[0], Reply) and effects[0].conn == conn
         assert isinstance(effects[0].event, Welcome)
         presence = [(c, e) for c, e in deliveries(effects) if isinstance(e, Presence)]
         assert presence == ([(others, presence[0][1])] if first else [])
+        got = self.hub.conns[conn].uid
+        if uid is None:  # a guest session: a new identity, never one seen before
+            assert got not in self.every_uid and got.startswith("g.s1.inc.")
+        else:
+            assert got == uid
+        self.every_uid.add(got)
         self.conn_user[conn] = key
+        self.conn_uid[conn] = self.hub.conns[conn].uid
         self.gone_guests.discard(key)
         if text_mode:
             self.text_conns.add(conn)
@@ -669,7 +778,7 @@ class HubMachine(RuleBasedStateMachine):
     def disconnect(self, data: st.DataObject) -> None:
         conn = data.draw(st.sampled_from(sorted(self.conn_user)))
         key = self.conn_user.pop(conn)
-        name = self.hub.conns[conn].user
+        uid = self.conn_uid.pop(conn)
         self.loading.discard(conn)
         self.now += 1
         effects = self.check(self.hub.disconnect(conn, self.now))
@@ -686,7 +795,7 @@ class HubMachine(RuleBasedStateMachine):
         drops = [e for e in effects if isinstance(e, DropBacklog)]
         if last and not self.hub.is_account(key):
             offline_at = next(i for i, e in enumerate(effects) if isinstance(e, Deliver))
-            assert drops == [DropBacklog(name, self.now)]
+            assert drops == [DropBacklog(uid, self.now)]
             assert effects.index(drops[0]) < offline_at  # dropped before anyone hears of it
         else:
             assert drops == []
@@ -705,6 +814,11 @@ class HubMachine(RuleBasedStateMachine):
             return
         [effect] = effects
         assert isinstance(effect, StoreMessage)
+        online = self.users_of(key)
+        holder = self.hub.book.holder(to)
+        expected = self.conn_uid[online[0]] if online else holder
+        assert effect.message.to_uid == expected
+        assert effect.message.sender_uid == self.conn_uid[conn]
         assert effect.message.msg not in self.seen_ids
         self.seen_ids.add(effect.message.msg)
         self.pending.append(effect)
@@ -718,7 +832,8 @@ class HubMachine(RuleBasedStateMachine):
         )
         sent = [e for e in effects if isinstance(e, Reply)]
         assert len(sent) == int(effect.conn in self.conn_user)
-        targets = [] if duplicate else self.users_of(effect.message.to.lower())
+        # Only the identity it was sent to gets it: not a later guest of the same name.
+        targets = [] if duplicate else self.conns_of(effect.message.to_uid)
         targets = [c for c in targets if c not in self.loading]
         assert deliveries(effects) == ([(targets, effect.message.as_event())] if targets else [])
         acks = [e for e in effects if isinstance(e, StoreReceipt)]
@@ -729,9 +844,27 @@ class HubMachine(RuleBasedStateMachine):
     def backlog_arrives(self, data: st.DataObject) -> None:
         conn = data.draw(st.sampled_from(sorted(self.loading)))
         self.loading.discard(conn)
-        message = StoredMessage(f"old:{conn}", "zed", self.conn_user[conn], "old", T0)
-        effects = self.check(self.hub.backlog_loaded(conn, [message]))
+        message = StoredMessage(
+            f"old:{conn}", "zed", self.conn_user[conn], "old", T0, None, "g.x", self.conn_uid[conn]
+        )
+        effects = self.check(self.hub.backlog_loaded(conn, Backlog([message])))
         assert deliveries(effects) == [([conn], message.as_event())]
+
+    @rule(name=st.sampled_from(["bob", "Zed", "ann"]))
+    def register(self, name: str) -> None:
+        key = name.lower()
+        taken = key in self.conn_user.values() or self.hub.is_account(name)
+        try:
+            reg, effects = self.hub.begin_register(name, self.now)
+        except ProtocolError as exc:
+            assert taken and exc.code == errors.NAME_TAKEN
+            return
+        assert not taken and effects == []
+        self.uids += 1
+        record = self.hub.make_account(reg, f"{self.uids:016x}", "hash")
+        self.check(self.hub.account_stored(reg, record))
+        assert self.hub.is_account(name) and self.hub.book.name_of(record.uid) == name
+        self.gone_guests.discard(key)
 
     @precondition(lambda self: self.conn_user)
     @rule(data=st.data())

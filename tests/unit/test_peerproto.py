@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trichat import peerproto
+from trichat.accounts import AccountRecord
 from trichat.names import is_valid_name
 from trichat.peerproto import (
     HANDSHAKE_LINE_BYTES,
@@ -24,7 +25,12 @@ from trichat.peerproto import (
     PEER_TIMEOUT_S,
     PEER_TYPES,
     Accept,
+    Accounts,
+    AccountsHave,
     Auth,
+    Claim,
+    ClaimEnd,
+    ClaimReply,
     Hello,
     LinkDown,
     LinkEvent,
@@ -39,11 +45,11 @@ from trichat.peerproto import (
     PeerTyping,
     Phase,
     Ping,
+    Pushed,
     ReceiptNotice,
     Received,
     Refuse,
     Relay,
-    RelayAck,
     SessionChange,
     SessionInfo,
     Snapshot,
@@ -126,12 +132,13 @@ def test_the_same_secret_brings_both_sides_up() -> None:
 
 def test_messages_flow_both_ways_once_up() -> None:
     pair = up_pair()
-    relay = Relay("s0:i:1", "ann", "bob", "hi", 5)
+    relay = Relay("s0:i:1", "ann", "bob", "hi", 5, "g.s0.i.5")
+    receipt = PeerReceipt("s0:i:1", "delivered", "bob", 6, "g.s0.i.5")
     pair.dialer.send(relay, T0)
-    pair.acceptor.send(RelayAck(["s0:i:1"]), T0)
+    pair.acceptor.send(receipt, T0)
     pair.pump()
     assert pair.events[pair.acceptor][-1] == Received(relay)
-    assert pair.events[pair.dialer][-1] == Received(RelayAck(["s0:i:1"]))
+    assert pair.events[pair.dialer][-1] == Received(receipt)
 
 
 def test_an_empty_secret_on_both_sides_still_links() -> None:
@@ -162,7 +169,8 @@ def acceptor_after_hello(secret: str = SECRET) -> tuple[PeerLink, Hello, str]:
     """An acceptor that has answered a (forged) dialer's hello; its hello and our nonce."""
     acceptor = PeerLink("s1", A_ADDR, secret, dialer=False, now=T0)
     nonce = "ab" * 16
-    assert acceptor.receive_data(encode_peer(Hello(1, "s0", D_ADDR, nonce)), T0) == []
+    hello = Hello(PEER_PROTOCOL_VERSION, "s0", D_ADDR, nonce)
+    assert acceptor.receive_data(encode_peer(hello), T0) == []
     [hello] = lines(acceptor.data_to_send())
     assert isinstance(hello, Hello) and hello.proof is not None
     return acceptor, hello, nonce
@@ -218,11 +226,12 @@ def test_a_dialer_refuses_an_acceptor_that_claims_to_be_it() -> None:
     [hello] = lines(dialer.data_to_send())
     assert isinstance(hello, Hello)
     mine = peerproto.proof(SECRET, "acceptor", hello.nonce, "cd" * 16, "s0", "s0")
-    events = dialer.receive_data(encode_peer(Hello(1, "s0", A_ADDR, "cd" * 16, mine)), T0)
+    hello = Hello(PEER_PROTOCOL_VERSION, "s0", A_ADDR, "cd" * 16, mine)
+    events = dialer.receive_data(encode_peer(hello), T0)
     assert "itself" in downs(events)[0]
 
 
-@pytest.mark.parametrize("version", [0, PEER_PROTOCOL_VERSION + 1, -1])
+@pytest.mark.parametrize("version", [0, 1, PEER_PROTOCOL_VERSION + 1, -1])
 def test_another_protocol_version_is_refused(version: int) -> None:
     acceptor = PeerLink("s1", A_ADDR, SECRET, dialer=False, now=T0)
     events = acceptor.receive_data(encode_peer(Hello(version, "s0", D_ADDR, "n")), T0)
@@ -231,18 +240,21 @@ def test_another_protocol_version_is_refused(version: int) -> None:
     assert isinstance(refuse, Refuse) and str(version) in refuse.reason
 
 
-def test_a_dialer_refuses_an_acceptor_of_another_version() -> None:
+def test_a_dialer_refuses_an_acceptor_of_the_previous_version() -> None:
+    # Version 1 relayed by name and expected relay_ack: it can't join a version 2 mesh.
     dialer = PeerLink("s0", D_ADDR, SECRET, dialer=True, now=T0)
     dialer.start()
     dialer.data_to_send()
-    events = dialer.receive_data(encode_peer(Hello(2, "s1", A_ADDR, "n", "p")), T0)
-    assert downs(events) == ["peer protocol version 2 is not supported"]
+    events = dialer.receive_data(encode_peer(Hello(1, "s1", A_ADDR, "n", "p")), T0)
+    assert downs(events) == ["peer protocol version 1 is not supported"]
 
 
 EARLY_MESSAGES = [
     Ping(),
     Snapshot("b", 1, []),
-    Relay("s0:i:1", "ann", "bob", "hi", 1),
+    Relay("s0:i:1", "ann", "bob", "hi", 1, "g.s0.i.1"),
+    Accounts([]),
+    Claim("s0.1.1", "ann", 1),
     Accept(),
     Auth("00" * 32),
 ]
@@ -280,7 +292,7 @@ def test_a_dialer_refuses_anything_but_accept_after_auth() -> None:
     pair.acceptor.receive_data(pair.dialer.data_to_send(), T0)
     pair.dialer.receive_data(pair.acceptor.data_to_send(), T0)
     assert pair.dialer.phase is Phase.AUTH_SENT
-    events = pair.dialer.receive_data(encode_peer(Relay("s1:i:1", "a", "b", "t", 1)), T0)
+    events = pair.dialer.receive_data(encode_peer(Relay("s1:i:1", "a", "b", "t", 1, "u")), T0)
     assert downs(events) == ["expected accept, got relay"]
 
 
@@ -355,7 +367,7 @@ def test_an_idle_link_sends_a_ping_every_heartbeat() -> None:
 
 def test_a_busy_link_sends_no_ping() -> None:
     pair = up_pair()
-    pair.dialer.send(RelayAck(["x"]), T0 + 0.9)
+    pair.dialer.send(ClaimEnd("x"), T0 + 0.9)
     pair.dialer.data_to_send()
     pair.dialer.tick(T0 + 1.5)
     assert pair.dialer.data_to_send() == b""
@@ -399,7 +411,7 @@ def test_our_own_pings_do_not_keep_a_silent_peer_alive() -> None:
 def test_an_authenticated_peer_may_send_some_bad_lines() -> None:
     pair = up_pair()
     assert pair.acceptor.receive_data(b"junk\n" * MAX_BAD_LINES, T0) == []
-    good = Relay("s0:i:1", "ann", "bob", "hi", 1)
+    good = Relay("s0:i:1", "ann", "bob", "hi", 1, "0123456789abcdef")
     assert pair.acceptor.receive_data(encode_peer(good), T0) == [Received(good)]
     events = pair.acceptor.receive_data(b'{"type":"nope"}\n', T0)
     assert len(downs(events)) == 1 and "unknown peer message type" in downs(events)[0]
@@ -414,8 +426,8 @@ def test_bad_lines_in_one_read_stop_at_the_limit() -> None:
 
 
 def ack_line(size: int) -> bytes:
-    """A relay_ack line of exactly ``size`` bytes, its newline not counted."""
-    head, tail = b'{"type":"relay_ack","msgs":["', b'"]}'
+    """A claim_end line of exactly ``size`` bytes, its newline not counted."""
+    head, tail = b'{"type":"claim_end","rid":"', b'"}'
     return head + b"x" * (size - len(head) - len(tail)) + tail + b"\n"
 
 
@@ -465,6 +477,7 @@ names = st.from_regex(r"[A-Za-z0-9_.\-]{1,32}", fullmatch=True)
 bad_names = st.text(max_size=40).filter(lambda s: not is_valid_name(s))
 texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)  # orjson: no surrogates
 ints = st.integers(-(2**63), 2**63 - 1)
+records = st.builds(AccountRecord, texts, names, texts, ints, names, ints)
 
 PEER_MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     Hello: st.builds(Hello, ints, names, texts, texts, st.none() | texts),
@@ -473,14 +486,24 @@ PEER_MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     Refuse: st.builds(Refuse, texts),
     Members: st.builds(Members, st.lists(st.builds(Member, names, texts), max_size=3)),
     Snapshot: st.builds(
-        Snapshot, texts, ints, st.lists(st.builds(SessionInfo, names, st.booleans(), ints))
+        Snapshot,
+        texts,
+        ints,
+        st.lists(st.builds(SessionInfo, names, st.booleans(), ints, texts, ints), max_size=3),
     ),
-    SessionChange: st.builds(SessionChange, texts, ints, names, st.booleans(), st.booleans(), ints),
-    Relay: st.builds(Relay, texts, names, names, texts, ints, st.none() | ints),
-    RelayAck: st.builds(RelayAck, st.lists(texts, max_size=4)),
+    SessionChange: st.builds(
+        SessionChange, texts, ints, names, st.booleans(), st.booleans(), ints, texts, ints
+    ),
+    Relay: st.builds(Relay, texts, names, names, texts, ints, texts, st.booleans()),
+    Pushed: st.builds(Pushed, texts),
+    AccountsHave: st.builds(AccountsHave, st.dictionaries(names, ints, max_size=3)),
+    Accounts: st.builds(Accounts, st.lists(records, max_size=3), st.none() | texts),
+    Claim: st.builds(Claim, texts, names, ints),
+    ClaimReply: st.builds(ClaimReply, texts, st.booleans()),
+    ClaimEnd: st.builds(ClaimEnd, texts),
     PeerBroadcast: st.builds(PeerBroadcast, texts, names, texts, ints),
-    PeerReceipt: st.builds(PeerReceipt, texts, texts, names, ints),
-    ReceiptNotice: st.builds(ReceiptNotice, texts, names, texts, names, ints),
+    PeerReceipt: st.builds(PeerReceipt, texts, texts, names, ints, texts),
+    ReceiptNotice: st.builds(ReceiptNotice, texts, names, texts, names, ints, texts),
     PeerTyping: st.builds(PeerTyping, names, names),
     Ping: st.builds(Ping),
 }
@@ -562,7 +585,8 @@ def test_a_field_of_the_wrong_kind_is_refused(message: PeerMessage, data: st.Dat
     value = body[key]
     if value is None:
         return  # hello's proof: null is allowed there
-    nullable = key in ("proof", "since")  # optional fields: null is a right kind there
+    # Optional fields: hello's proof, a new account's rid: null is a right kind there.
+    nullable = key == "proof" or (key == "rid" and isinstance(message, Accounts))
 
     def wrong(v: object) -> bool:
         return type(v) is not type(value) and not (nullable and v is None)
@@ -575,14 +599,14 @@ def test_a_field_of_the_wrong_kind_is_refused(message: PeerMessage, data: st.Dat
 @pytest.mark.parametrize(
     "body",
     [
-        {"type": "relay_ack", "msgs": "abc"},
-        {"type": "relay_ack", "msgs": {"x": 1}},
+        {"type": "accounts", "records": "abc"},
+        {"type": "accounts", "records": {"x": 1}},
         {"type": "members", "members": ""},
         {"type": "snapshot", "boot": "b", "seq": 1, "sessions": {}},
     ],
 )
 def test_a_list_field_must_be_a_list(body: dict[str, Any]) -> None:
-    # cattrs' own list hook takes any iterable: "abc" would acknowledge a, b and c.
+    # cattrs' own list hook takes any iterable: "abc" would be three records a, b and c.
     with pytest.raises(PeerError):
         decode_peer(orjson.dumps(body))
 
@@ -590,7 +614,7 @@ def test_a_list_field_must_be_a_list(body: dict[str, Any]) -> None:
 def with_name(message: PeerMessage, bad: str) -> list[PeerMessage]:
     """``message`` once per name it carries, that name replaced by ``bad``."""
     out: list[PeerMessage] = []
-    for field in ("server", "user", "sender", "to", "by"):
+    for field in ("server", "user", "sender", "to", "by", "name"):
         if hasattr(message, field) and not isinstance(message, Snapshot):
             out.append(attrs.evolve(message, **{field: bad}))  # type: ignore[misc]
     match message:
@@ -598,11 +622,18 @@ def with_name(message: PeerMessage, bad: str) -> list[PeerMessage]:
             out.append(Members([Member(bad, first.addr), *rest]))
         case Snapshot(sessions=[first, *rest]):
             out.append(attrs.evolve(message, sessions=[attrs.evolve(first, user=bad), *rest]))
+        case Accounts(records=[first, *rest]):
+            for field in ("name", "origin"):  # an account's name, the server it is from
+                changed = attrs.evolve(first, **{field: bad})  # type: ignore[misc]
+                out.append(Accounts([changed, *rest]))
+        case AccountsHave(have=have) if have:
+            first, *_ = have
+            out.append(AccountsHave({**{k: v for k, v in have.items() if k != first}, bad: 1}))
     return out
 
 
 NAMED_TYPES = (Hello, Members, Snapshot, SessionChange, Relay, PeerBroadcast, PeerReceipt)
-NAMED_TYPES += (ReceiptNotice, PeerTyping)
+NAMED_TYPES += (ReceiptNotice, PeerTyping, Accounts, AccountsHave, Claim)
 
 
 @given(st.one_of(*(PEER_MESSAGES[cls] for cls in NAMED_TYPES)), bad_names)
@@ -616,16 +647,20 @@ def test_bad_names_are_refused(message: PeerMessage, bad: str) -> None:
             decode_peer(line)
 
 
+UID = "0123456789abcdef"
 NAMED_EXAMPLES = [
-    Hello(1, "s0", D_ADDR, "n"),
+    Hello(PEER_PROTOCOL_VERSION, "s0", D_ADDR, "n"),
     Members([Member("s0", D_ADDR), Member("s1", A_ADDR)]),
-    Snapshot("b", 3, [SessionInfo("ann", False, 1), SessionInfo("bob", True, 2)]),
-    SessionChange("b", 4, "ann", True, False, 1),
-    Relay("s0:i:1", "ann", "bob", "hi", 1, 1),
+    Snapshot("b", 3, [SessionInfo("ann", False, 1, "g.s0.b.1"), SessionInfo("bob", True, 2, UID)]),
+    SessionChange("b", 4, "ann", True, False, 1, "g.s0.b.1", 1),
+    Relay("s0:i:1", "ann", "bob", "hi", 1, UID),
     PeerBroadcast("s0:i:2", "ann", "hi all", 1),
-    PeerReceipt("s0:i:1", "read", "bob", 2),
-    ReceiptNotice("s0:i:1", "ann", "read", "bob", 2),
+    PeerReceipt("s0:i:1", "read", "bob", 2, UID),
+    ReceiptNotice("s0:i:1", "ann", "read", "bob", 2, UID),
     PeerTyping("ann", "bob"),
+    Accounts([AccountRecord(UID, "bob", "hash", 1, "s0", 1)]),
+    AccountsHave({"s0": 3, "s1": 1}),
+    Claim("s0.1.1", "bob", 1),
 ]
 
 
@@ -655,7 +690,13 @@ def test_every_name_field_is_checked() -> None:
             b'"since":1}',
             "malformed",
         ),
-        (b'{"type":"relay_ack","msgs":[1]}', "malformed"),
+        (b'{"type":"relay_ack","msgs":["m"]}', "unknown peer message type"),  # gone in v2
+        (b'{"type":"relay","msg":"m","from":"a","to":"b","text":"t","ts":1}', "malformed"),
+        (b'{"type":"accounts","records":[{"uid":"u","name":"a"}]}', "malformed"),
+        (b'{"type":"accounts_have","have":{"s0":"3"}}', "malformed"),
+        (b'{"type":"accounts_have","have":{"s 0":3}}', "bad name"),
+        (b'{"type":"claim_reply","rid":"r","ok":"yes"}', "malformed"),
+        (b'{"type":"claim","rid":"r","name":"a b","created":1}', "bad name"),
         (b'{"type":"typing","from":"a b","to":"c"}', "bad name"),
     ],
 )
@@ -668,6 +709,29 @@ def test_unknown_extra_fields_are_ignored() -> None:
     assert decode_peer(b'{"type":"ping","extra":[1,2]}') == Ping()
 
 
-def test_a_relay_without_since_is_from_an_older_peer() -> None:
-    line = b'{"type":"relay","msg":"m","from":"a","to":"b","text":"t","ts":1}'
-    assert decode_peer(line) == Relay("m", "a", "b", "t", 1, None)
+def test_a_relay_names_the_recipients_identity_on_the_wire() -> None:
+    line = b'{"type":"relay","msg":"m","from":"a","to":"b","text":"t","ts":1,"uid":"g.s0.x.1"}'
+    assert decode_peer(line) == Relay("m", "a", "b", "t", 1, "g.s0.x.1")
+    assert orjson.loads(encode_peer(Relay("m", "a", "b", "t", 1, "u")))["uid"] == "u"
+
+
+def test_account_records_cross_whole() -> None:
+    record = AccountRecord("0123456789abcdef", "Bob", "scrypt$x", 5, "s0", 7)
+    body = orjson.loads(encode_peer(Accounts([record])))
+    assert body == {
+        "type": "accounts",
+        "records": [
+            {
+                "uid": "0123456789abcdef",
+                "name": "Bob",
+                "pw_hash": "scrypt$x",
+                "created": 5,
+                "origin": "s0",
+                "oseq": 7,
+            }
+        ],
+        "rid": None,  # learned on link-up, or passed on: nothing to answer
+    }
+    assert decode_peer(encode_peer(Accounts([record]))) == Accounts([record])
+    new = Accounts([record], rid="s0.5.1")  # a registration's own: answered with claim_reply
+    assert decode_peer(encode_peer(new)) == new
